@@ -1,0 +1,56 @@
+"""The `ghindex` group: lazy subcommands, logging to stderr, and the one place errors become `Error: ...`."""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from ghindex.errors import GhindexError
+
+# name -> "module:attribute" inside this package. Imported on use, so `ghindex info` does not pay
+# for importing torch-heavy training code.
+COMMANDS: dict[str, str] = {
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
+
+    def get_command(self, ctx, name):
+        if name in COMMANDS:
+            module_name, attr = COMMANDS[name].split(":")
+            return getattr(importlib.import_module(f"{__package__}.{module_name}"), attr)
+        return super().get_command(ctx, name)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except GhindexError as exc:
+            fail(str(exc))
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+            fail(f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc))
+        except MemoryError:
+            fail("out of memory; use smaller batches or chunks")
+
+
+def fail(message: str) -> None:
+    """Print `Error: message` (one line) to stderr and exit with status 1."""
+    click.echo(f"Error: {' '.join(str(message).split())}", err=True)
+    sys.exit(1)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="ghindex", prog_name="ghindex")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+def cli(verbose: int, quiet: bool) -> None:
+    """Image retrieval with learned binary codes: GreedyHash encoders, HDF5 code stores, FAISS search.
+
+    Typical flow: train -> encode -> build -> query / eval. Results go to stdout; progress and logs
+    go to stderr.
+    """
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s", force=True)

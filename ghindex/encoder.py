@@ -1,0 +1,239 @@
+"""`Encoder`: backbone -> linear projection to `bits` -> GreedyHash sign, in one self-describing file.
+
+Model file: a safetensors file whose metadata holds ``{"ghindex_config": <JSON EncoderConfig>}``.
+safetensors stores raw tensors only, so loading a model can never execute code from the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .backbones import build_backbone
+from .errors import ConfigError, ModelFileError
+from .hashing import check_bits, greedy_sign, pack_signs
+from .images import IMAGENET_MEAN, IMAGENET_STD, image_to_tensor, load_image, normalize
+from .io import atomic_path
+
+FORMAT_VERSION = 1
+CONFIG_KEY = "ghindex_config"
+
+
+@dataclass
+class EncoderConfig:
+    """Everything needed to rebuild an Encoder and preprocess its inputs."""
+
+    backbone: str
+    bits: int
+    feature_dim: int | None = None  # filled from the backbone; required for `identity`
+    image_size: int = 224  # inputs are resized to image_size x image_size (no crop)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    num_classes: int = 0  # size of the bias-free classifier on codes (0: none)
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)  # provenance: training run, protocol, seed...
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EncoderConfig":
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("config is not a JSON object")
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(
+                f"model format version {data['format_version']} is newer than this ghindex supports ({FORMAT_VERSION})"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in names}
+        for key in ("mean", "std"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+class HashOutput(NamedTuple):
+    features: torch.Tensor  # backbone output (N, feature_dim)
+    h: torch.Tensor  # continuous hash-layer output (N, bits)
+    b: torch.Tensor  # codes in {-1, +1} with straight-through gradient (N, bits)
+
+
+class Encoder(nn.Module):
+    """Backbone -> Linear(feature_dim, bits) -> sign. `encode()` returns packed uint8 codes."""
+
+    def __init__(
+        self,
+        backbone: str,
+        bits: int,
+        weights: str = "none",
+        feature_dim: int | None = None,
+        image_size: int = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        num_classes: int = 0,
+        extra: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        check_bits(bits)
+        if image_size <= 0:
+            raise ConfigError(f"image_size must be positive, got {image_size}")
+        if num_classes < 0:
+            raise ConfigError(f"num_classes must be >= 0, got {num_classes}")
+        self.backbone, feature_dim = build_backbone(backbone, weights, feature_dim)
+        self.config = EncoderConfig(
+            backbone=backbone,
+            bits=int(bits),
+            feature_dim=int(feature_dim),
+            image_size=int(image_size),
+            mean=tuple(float(v) for v in mean),
+            std=tuple(float(v) for v in std),
+            num_classes=int(num_classes),
+            extra=dict(extra or {}),
+        )
+        self.hash_layer = nn.Linear(feature_dim, bits)
+        self.classifier = nn.Linear(bits, num_classes, bias=False) if num_classes else None
+
+    @property
+    def bits(self) -> int:
+        return self.config.bits
+
+    @property
+    def code_bytes(self) -> int:
+        return self.config.bits // 8
+
+    def forward(self, x: torch.Tensor) -> HashOutput:
+        """x: preprocessed input (images normalised, or feature vectors for `identity`)."""
+        features = self.backbone(x)
+        h = self.hash_layer(features)
+        return HashOutput(features, h, greedy_sign(h))
+
+    def hash(self, x: torch.Tensor) -> torch.Tensor:
+        """Continuous hash outputs H for a preprocessed batch; codes are H >= 0."""
+        return self.hash_layer(self.backbone(x))
+
+    # -- preprocessing -------------------------------------------------------------------------
+    def preprocess(self, item) -> torch.Tensor:
+        """One PIL image or image path -> a normalised (3, S, S) tensor per this encoder's config."""
+        c = self.config
+        return image_to_tensor(load_image(item), c.image_size, c.mean, c.std)
+
+    def _prepare_batch(self, batch) -> torch.Tensor:
+        c = self.config
+        if isinstance(batch, np.ndarray):
+            if batch.dtype == np.uint8:
+                if batch.ndim != 4 or batch.shape[-1] != 3:
+                    raise ConfigError(f"uint8 image batches must be (N, H, W, 3), got {batch.shape}")
+                batch = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
+            else:
+                batch = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        if isinstance(batch, torch.Tensor):
+            if c.backbone == "identity":
+                if batch.ndim != 2 or batch.shape[1] != c.feature_dim:
+                    raise ConfigError(f"expected feature vectors of shape (N, {c.feature_dim}), got {tuple(batch.shape)}")
+                if not torch.isfinite(batch).all():
+                    raise ConfigError("feature vectors contain NaN or inf")
+                return batch.float()
+            if batch.ndim != 4 or batch.shape[1] != 3:
+                raise ConfigError(f"image tensors must be (N, 3, H, W) in [0, 1], got {tuple(batch.shape)}")
+            batch = batch.float()
+            if batch.shape[-2:] != (c.image_size, c.image_size):
+                batch = torch.nn.functional.interpolate(
+                    batch, size=(c.image_size, c.image_size), mode="bilinear", antialias=True, align_corners=False
+                )
+            return normalize(batch, c.mean, c.std)
+        items = list(batch)
+        if c.backbone == "identity":
+            raise ConfigError("the identity backbone encodes feature arrays, not images")
+        return torch.stack([self.preprocess(item) for item in items]) if items else torch.empty(0, 3, c.image_size, c.image_size)
+
+    @torch.inference_mode()
+    def encode(self, x, batch_size: int = 256, device: str | torch.device | None = None) -> np.ndarray:
+        """Encode inputs to packed codes, shape (N, bits/8) uint8, LSB-first (FAISS's order).
+
+        `x` is a float tensor batch ((N, 3, H, W) in [0, 1], or (N, D) features for `identity`), a
+        uint8 numpy batch (N, H, W, 3), or a sequence of PIL images / image paths. Works in batches
+        of `batch_size` so memory stays bounded.
+        """
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        device = torch.device(device) if device is not None else next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            if isinstance(x, (Image.Image, str, os.PathLike)):
+                x = [x]
+            n = len(x)
+            out = np.empty((n, self.code_bytes), dtype=np.uint8)
+            for start in range(0, n, batch_size):
+                batch = self._prepare_batch(x[start : start + batch_size]).to(device)
+                out[start : start + len(batch)] = pack_signs(self.hash(batch))
+            return out
+        finally:
+            self.train(was_training)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write weights and config to one safetensors file, atomically."""
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(path) as tmp:
+            save_file(state, os.fspath(tmp), metadata={CONFIG_KEY: self.config.to_json()})
+
+    @classmethod
+    def read_config(cls, path: str | os.PathLike) -> EncoderConfig:
+        """Read only the config of a model file (cheap: the header)."""
+        from safetensors import safe_open
+
+        name = os.fspath(path)
+        if not os.path.isfile(name):
+            raise ModelFileError(f"model file not found: {name}")
+        try:
+            with safe_open(name, framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as exc:
+            raise ModelFileError(
+                f"{name} is not a ghindex model file (not safetensors: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            ) from None
+        if CONFIG_KEY not in meta:
+            raise ModelFileError(f"{name} is a safetensors file but not a ghindex model (no {CONFIG_KEY} metadata)")
+        try:
+            return EncoderConfig.from_json(meta[CONFIG_KEY])
+        except (ValueError, TypeError) as exc:
+            raise ModelFileError(f"{name}: invalid model config ({exc})") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Encoder":
+        """Rebuild an Encoder from a file written by `save` (no other argument needed)."""
+        from safetensors.torch import load_file
+
+        name = os.fspath(path)
+        config = cls.read_config(name)
+        try:
+            model = cls(
+                config.backbone,
+                config.bits,
+                weights="none",
+                feature_dim=config.feature_dim,
+                image_size=config.image_size,
+                mean=config.mean,
+                std=config.std,
+                num_classes=config.num_classes,
+                extra=config.extra,
+            )
+        except ConfigError as exc:
+            raise ModelFileError(f"{name}: {exc}") from None
+        try:
+            state = load_file(name, device="cpu")
+            model.load_state_dict(state, strict=True)
+        except Exception as exc:
+            raise ModelFileError(f"{name}: weights do not match the config ({str(exc).splitlines()[0]})") from None
+        return model.to(device)

@@ -1,0 +1,90 @@
+"""GreedyHash core: the sign layer with a straight-through gradient, its penalty, and bit packing.
+
+Bit conventions (shared by database and queries, see DESIGN.md):
+- a real value h gives bit 1 when h >= 0 and bit 0 otherwise (sign(0) = +1, never 0);
+- bits are packed LSB first: bit i of a code is ``(code[i >> 3] >> (i & 7)) & 1``, as FAISS reads it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+
+def check_bits(bits: int) -> int:
+    """Return `bits` if it is a positive multiple of 8 (FAISS binary indexes require whole bytes)."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits <= 0 or bits % 8:
+        raise ConfigError(
+            f"bits must be a positive multiple of 8 (FAISS stores whole bytes), got {bits!r}; "
+            "for the paper's 12/24-bit settings use 16/32 bits"
+        )
+    return int(bits)
+
+
+def sign(h: torch.Tensor) -> torch.Tensor:
+    """Elementwise sign with 0 mapped to +1, in h's dtype: values are exactly -1 or +1."""
+    return torch.where(h >= 0, torch.ones_like(h), -torch.ones_like(h))
+
+
+class GreedySign(torch.autograd.Function):
+    """B = sgn(H) forward; dL/dH = dL/dB backward (GreedyHash's straight-through update)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return sign(h)
+
+    @staticmethod
+    def backward(ctx, grad_b: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad_b
+
+
+def greedy_sign(h: torch.Tensor) -> torch.Tensor:
+    """Binary codes in {-1, +1} whose gradient flows to `h` unchanged."""
+    return GreedySign.apply(h)
+
+
+def quantization_penalty(h: torch.Tensor, p: float = 3.0) -> torch.Tensor:
+    """mean(|H - sgn(H)|^p): pulls H towards +-1 so the sign loses little (p = 3 in the paper)."""
+    return (h - sign(h).detach()).abs().pow(p).mean()
+
+
+def pack_bits(bits: np.ndarray) -> np.ndarray:
+    """Pack an (N, nbits) array of 0/1 (or bool) to (N, nbits/8) uint8, LSB first."""
+    bits = np.asarray(bits)
+    if bits.ndim != 2:
+        raise ConfigError(f"expected a 2-d array of bits (N, nbits), got shape {bits.shape}")
+    check_bits(bits.shape[1])
+    return np.packbits(bits.astype(bool), axis=1, bitorder="little")
+
+
+def pack_signs(values) -> np.ndarray:
+    """Pack real values (N, nbits) to codes using bit = (value >= 0); accepts numpy or torch."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().float().numpy()
+    return pack_bits(np.asarray(values) >= 0)
+
+
+def unpack_bits(codes: np.ndarray, nbits: int | None = None) -> np.ndarray:
+    """Inverse of `pack_bits`: (N, nbytes) uint8 -> (N, nbits) uint8 of 0/1."""
+    codes = np.asarray(codes)
+    if codes.dtype != np.uint8 or codes.ndim != 2:
+        raise ConfigError(f"packed codes must be a 2-d uint8 array, got {codes.dtype} {codes.shape}")
+    nbits = codes.shape[1] * 8 if nbits is None else check_bits(nbits)
+    return np.unpackbits(codes, axis=1, count=nbits, bitorder="little")
+
+
+def unpack_signs(codes: np.ndarray, nbits: int | None = None) -> np.ndarray:
+    """Packed codes -> (N, nbits) float32 of -1/+1."""
+    return unpack_bits(codes, nbits).astype(np.float32) * 2 - 1
+
+
+def hamming_distances(queries: np.ndarray, database: np.ndarray) -> np.ndarray:
+    """Exact (Q, N) int32 Hamming distances between packed codes. Allocates Q x N: small inputs only."""
+    queries, database = np.asarray(queries, np.uint8), np.asarray(database, np.uint8)
+    if queries.shape[1] != database.shape[1]:
+        raise ConfigError(
+            f"code widths differ: {queries.shape[1]} vs {database.shape[1]} bytes"
+        )
+    xor = queries[:, None, :] ^ database[None, :, :]
+    return np.bitwise_count(xor).sum(axis=2, dtype=np.int32)

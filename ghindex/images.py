@@ -1,0 +1,79 @@
+"""Decoding images safely and turning them into normalised tensors, the same way everywhere."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageError
+
+# Decompression-bomb guard: refuse images whose header claims more pixels than this (about 8k x 8k).
+MAX_PIXELS = 64_000_000
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit/32-bit greyscale: scale to 8 bits instead of letting PIL clip everything to white.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode in ("P", "PA", "LA") :
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike | Image.Image) -> Image.Image:
+    """Open an image file (or take a PIL image) and return it as 8-bit RGB.
+
+    Raises ImageError naming the file for anything that is not a decodable, reasonably sized image:
+    missing or unreadable files, zero bytes, non-image content, truncation, decompression bombs.
+    Animated images give their first frame; greyscale, palette, RGBA, CMYK and 16-bit become RGB.
+    """
+    if isinstance(path, Image.Image):
+        return _to_rgb(path)
+    name = os.fsdecode(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise ImageError(f"{name}: image too large ({w}x{h} pixels > {MAX_PIXELS:,}), refusing to decode")
+                img.seek(0)
+                img.load()
+                return _to_rgb(img)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{name}: file not found") from None
+    except PermissionError:
+        raise ImageError(f"{name}: permission denied") from None
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a directory, not an image") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image file (unrecognised or empty content)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name}: refusing a possible decompression bomb ({exc})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageError(f"{name}: cannot decode image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def image_to_tensor(img: Image.Image, image_size: int, mean, std) -> torch.Tensor:
+    """RGB PIL image -> (3, image_size, image_size) float tensor, resized bilinearly and normalised."""
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BILINEAR)
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+    return normalize(x, mean, std)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """Normalise (..., 3, H, W) tensors in [0, 1] with per-channel mean and std."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - m) / s
