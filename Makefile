@@ -29,3 +29,6 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
+
+docs: $(STAMP)
+	$(BIN)/python -m ghindex_cli.docs > docs/CLI.md
