@@ -18,10 +18,32 @@ from .errors import ConfigError, WeightsError
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    torchvision_name: str | None  # None for `identity`
+    torchvision_name: str | None  # None: not from torchvision (identity, smallcnn)
     feature_dim: int | None  # None: given by the user (identity)
     head_prefixes: tuple[str, ...]  # state-dict keys that may be missing from a weights file
-    cut: Callable[[nn.Module], nn.Module] | None  # full torchvision model -> feature extractor
+    cut: Callable[[nn.Module], nn.Module] | None  # full model -> feature extractor; None: identity
+    make: Callable[[], nn.Module] | None = None  # builds the full model when not from torchvision
+
+
+class SmallCNN(nn.Module):
+    """Four conv-BN-ReLU-maxpool blocks (32-64-128-256 channels) and global pooling: 256-d features.
+
+    Not from the paper: a backbone small enough to train from scratch on a CPU in minutes on
+    32-64 px images (the demo uses it). Random init only, or a local file of its own weights.
+    """
+
+    def __init__(self, channels=(32, 64, 128, 256)):
+        super().__init__()
+        layers, cin = [], 3
+        for cout in channels:
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+
+    def forward(self, x):
+        return self.pool(self.features(x))
 
 
 def _alexnet_fc7(m: nn.Module) -> nn.Module:
@@ -49,6 +71,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec("resnet50", 2048, ("fc.",), _resnet_pool),
     "resnet101": BackboneSpec("resnet101", 2048, ("fc.",), _resnet_pool),
     "mobilenet_v2": BackboneSpec("mobilenet_v2", 1280, ("classifier.",), _mobilenet_pool),
+    "smallcnn": BackboneSpec(None, 256, (), lambda m: m, SmallCNN),
     "identity": BackboneSpec(None, None, (), None),
 }
 
@@ -68,7 +91,7 @@ def imagenet_weights(name: str):
 
     spec = backbone_spec(name)
     if spec.torchvision_name is None:
-        raise ConfigError("the identity backbone has no weights")
+        raise ConfigError(f"the {name} backbone has no ImageNet weights (use weights='none' or a local file)")
     return models.get_model_weights(spec.torchvision_name).DEFAULT
 
 
@@ -93,7 +116,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_local(model: nn.Module, spec: BackboneSpec, path: str) -> None:
+def _load_local(model: nn.Module, name: str, spec: BackboneSpec, path: str) -> None:
     state = read_state_dict(path)
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))
@@ -105,7 +128,7 @@ def _load_local(model: nn.Module, spec: BackboneSpec, path: str) -> None:
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
         raise WeightsError(
-            f"weights file {path} does not fit {spec.torchvision_name} in torchvision's key layout: "
+            f"weights file {path} does not fit {name} (torchvision's key layout): "
             + "; ".join(parts)
         )
     model.load_state_dict(state, strict=False)
@@ -118,7 +141,7 @@ def build_backbone(name: str, weights: str = "none", feature_dim: int | None = N
     ``identity`` (the size of the precomputed feature vectors) and must not contradict the others.
     """
     spec = backbone_spec(name)
-    if spec.torchvision_name is None:
+    if spec.cut is None:
         if not feature_dim or feature_dim <= 0:
             raise ConfigError("the identity backbone needs feature_dim, the length of the feature vectors")
         if weights not in (None, "none"):
@@ -129,11 +152,14 @@ def build_backbone(name: str, weights: str = "none", feature_dim: int | None = N
 
     from torchvision import models
 
+    def random_init() -> nn.Module:
+        return spec.make() if spec.make else models.get_model(spec.torchvision_name, weights=None)
+
     if weights in (None, "none"):
-        model = models.get_model(spec.torchvision_name, weights=None)
+        model = random_init()
     elif weights == "imagenet":
         model = models.get_model(spec.torchvision_name, weights=imagenet_weights(name))
     else:
-        model = models.get_model(spec.torchvision_name, weights=None)
-        _load_local(model, spec, weights)
+        model = random_init()
+        _load_local(model, name, spec, weights)
     return spec.cut(model), spec.feature_dim

@@ -84,7 +84,7 @@ def test_bad_bits(bits):
         ghindex.Encoder("identity", bits, feature_dim=4)
 
 
-@pytest.mark.parametrize("name", ["alexnet", "vgg16", "resnet18", "resnet50", "mobilenet_v2"])
+@pytest.mark.parametrize("name", ["alexnet", "vgg16", "resnet18", "resnet50", "mobilenet_v2", "smallcnn"])
 def test_backbone_feature_dims(name):
     model, dim = build_backbone(name)
     assert dim == BACKBONES[name].feature_dim
@@ -152,3 +152,14 @@ def test_truncated_model_file(tmp_path):
     (tmp_path / "t.ghm").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelFileError):
         ghindex.Encoder.load(tmp_path / "t.ghm")
+
+
+def test_smallcnn_has_no_imagenet_weights_but_reloads_local(tmp_path):
+    with pytest.raises(ConfigError, match="no ImageNet weights"):
+        build_backbone("smallcnn", "imagenet")
+    torch.manual_seed(0)
+    model, dim = build_backbone("smallcnn")
+    torch.save(model.state_dict(), tmp_path / "s.pt")
+    again, _ = build_backbone("smallcnn", str(tmp_path / "s.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    assert dim == 256 and torch.equal(model.eval()(x), again.eval()(x))
