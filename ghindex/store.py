@@ -1,0 +1,497 @@
+"""The HDF5 code store: packed binary codes with their ids, labels and paths, in one self-describing file.
+
+Layout (format_version 1)::
+
+    /codes            uint8 (N, bits/8), chunked, resizable. Bit i of a code is
+                      (code[i >> 3] >> (i & 7)) & 1 (LSB first, FAISS's order): attr bit_order="little".
+    /ids              int64 (N,): the id each code is known by (search results return these).
+    /labels           optional: int64 (N,) class indices, or uint8 (N, C) multi-hot rows.
+    /paths            optional: variable-length strings (N,), the image each code came from.
+    /skipped/{position,path,reason}   inputs that could not be encoded (int64, str, str).
+    attrs             format_version, bits, bit_order, encoder_fingerprint (sha256 of the model file),
+                      source, created (UTC, ISO 8601), complete, plus the writer's own keys
+                      (strings, numbers; lists and dicts are stored as JSON text).
+
+Paths hold each file name's bytes exactly as the file system gives them (`os.fsencode`), which is
+UTF-8 for every name that is valid UTF-8; the Python API returns `str` via `os.fsdecode`, so a name
+with undecodable bytes comes back with surrogate escapes and still opens the same file.
+
+A store is `complete` only after `mark_complete()`. Readers refuse an incomplete store (a writer
+that crashed or is still running) unless `allow_incomplete=True`, so a half-written store is never
+mistaken for a finished one. Nothing here reads the whole store unless asked (`codes()`, `ids()`...):
+use `read(start, stop)` and `iter_chunks()` for bounded memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from .errors import StoreError
+from .hashing import check_bits
+
+FORMAT_VERSION = 1
+BIT_ORDER = "little"
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# Bytes of one chunk of the codes dataset (rows = this / code_bytes): big enough for fast sequential
+# I/O, small enough that a few chunks per dataset fit the chunk cache below.
+CHUNK_BYTES = 256 * 1024
+CHUNK_CACHE_BYTES = 64 * 1024 * 1024
+# Rows per batch of `iter_chunks` by default: about this many bytes of codes + ids + labels.
+ITER_BYTES = 32 * 1024 * 1024
+_RESERVED_ATTRS = frozenset({"format_version", "bits", "bit_order", "encoder_fingerprint", "source", "created", "complete"})
+
+
+class CodeBatch(NamedTuple):
+    codes: np.ndarray  # (n, bits/8) uint8
+    ids: np.ndarray  # (n,) int64
+    labels: np.ndarray | None  # (n,) int64 or (n, C) uint8, None if the store has no labels
+    paths: list[str] | None  # None if the store has no paths (or they were not requested)
+
+
+def is_hdf5(path: str | os.PathLike) -> bool:
+    """True if the file starts with the HDF5 signature (at 0 or a power-of-two user-block offset)."""
+    try:
+        with open(path, "rb") as f:
+            offset = 0
+            while True:
+                f.seek(offset)
+                head = f.read(8)
+                if head == HDF5_SIGNATURE:
+                    return True
+                if len(head) < 8:
+                    return False
+                offset = 512 if offset == 0 else offset * 2
+                if offset > 1 << 20:
+                    return False
+    except (IsADirectoryError, PermissionError, FileNotFoundError):
+        return False
+
+
+def default_chunk_rows(code_bytes: int) -> int:
+    return max(1024, CHUNK_BYTES // code_bytes)
+
+
+def _attr_value(value: Any):
+    if isinstance(value, (str, bool, int, float, np.integer, np.floating, np.bool_)):
+        return value
+    if value is None:
+        return ""
+    return json.dumps(value, sort_keys=True)
+
+
+def _py(value: Any):
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _encode_paths(paths: Sequence) -> np.ndarray:
+    return np.array([p if isinstance(p, bytes) else os.fsencode(p) for p in paths], dtype=object)
+
+
+def _decode_paths(raw: np.ndarray) -> list[str]:
+    return [os.fsdecode(p) if isinstance(p, bytes) else str(p) for p in raw]
+
+
+class CodeStore:
+    """A code store opened for reading (`open`) or writing (`create`, `open(mode="a")`).
+
+    Use as a context manager or call `close()`. Writers `append` batches, `flush()` to make them
+    durable, and `mark_complete()` when the store holds everything it should.
+    """
+
+    def __init__(self, h5file, path: str, writable: bool):
+        self._f = h5file
+        self.path = path
+        self.writable = writable
+        self._fingerprint: str | None = None
+        self._n = int(self._f["codes"].shape[0])
+
+    # -- opening -------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        bits: int,
+        *,
+        encoder_fingerprint: str | None = None,
+        source: str = "",
+        label_shape: tuple | None = None,
+        with_paths: bool = False,
+        chunk_rows: int | None = None,
+        attrs: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> "CodeStore":
+        """Create an empty, incomplete store for `bits`-bit codes.
+
+        `label_shape`: None (no labels), `()` (one int64 class per row) or `(C,)` (uint8 multi-hot).
+        `attrs`: extra provenance attributes (class_names, protocol, model path...). An existing file
+        is refused unless `overwrite`.
+        """
+        import h5py
+
+        name = os.fspath(path)
+        bits = check_bits(bits)
+        code_bytes = bits // 8
+        if label_shape is not None:
+            label_shape = tuple(int(v) for v in label_shape)
+            if len(label_shape) > 1 or (label_shape and label_shape[0] <= 0):
+                raise StoreError(f"{name}: label_shape must be None, () or (C,) with C > 0, got {label_shape}")
+        chunk_rows = int(chunk_rows or default_chunk_rows(code_bytes))
+        if chunk_rows <= 0:
+            raise StoreError(f"{name}: chunk_rows must be positive, got {chunk_rows}")
+        if os.path.exists(name) and not overwrite:
+            raise StoreError(f"{name} already exists (refusing to overwrite it)")
+        parent = os.path.dirname(os.path.abspath(name))
+        os.makedirs(parent, exist_ok=True)
+        try:
+            f = h5py.File(name, "w", rdcc_nbytes=CHUNK_CACHE_BYTES)
+        except OSError as exc:
+            raise StoreError(f"cannot create code store {name}: {str(exc).splitlines()[0]}") from None
+        try:
+            f.create_dataset("codes", shape=(0, code_bytes), maxshape=(None, code_bytes), dtype=np.uint8,
+                             chunks=(chunk_rows, code_bytes))
+            f.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(chunk_rows,))
+            if label_shape == ():
+                f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(chunk_rows,))
+            elif label_shape is not None:
+                c = label_shape[0]
+                f.create_dataset("labels", shape=(0, c), maxshape=(None, c), dtype=np.uint8,
+                                 chunks=(max(1, min(chunk_rows, CHUNK_BYTES // c)), c))
+            if with_paths:
+                f.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"),
+                                 chunks=(min(chunk_rows, 16384),))
+            skipped = f.create_group("skipped")
+            skipped.create_dataset("position", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
+            for key in ("path", "reason"):
+                skipped.create_dataset(key, shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"),
+                                       chunks=(1024,))
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["bits"] = bits
+            f.attrs["bit_order"] = BIT_ORDER
+            f.attrs["encoder_fingerprint"] = encoder_fingerprint or ""
+            f.attrs["source"] = source or ""
+            f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            f.attrs["complete"] = False
+            for key, value in (attrs or {}).items():
+                if key in _RESERVED_ATTRS:
+                    raise StoreError(f"{name}: attribute {key!r} is reserved")
+                f.attrs[key] = _attr_value(value)
+            f.flush()
+        except BaseException:
+            f.close()
+            raise
+        return cls(f, name, writable=True)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r", allow_incomplete: bool = False) -> "CodeStore":
+        """Open an existing store: mode "r" (read) or "a" (append).
+
+        Raises StoreError naming the file if it is missing, not HDF5, truncated or corrupt, not a
+        ghindex code store, from a newer ghindex, inconsistent, or incomplete (unless
+        `allow_incomplete`).
+        """
+        import h5py
+
+        name = os.fspath(path)
+        if mode not in ("r", "a"):
+            raise StoreError(f"{name}: mode must be 'r' or 'a', got {mode!r}")
+        if os.path.isdir(name):
+            raise StoreError(f"{name} is a directory, not a code store")
+        if not os.path.exists(name):
+            raise StoreError(f"code store not found: {name}")
+        if not is_hdf5(name):
+            raise StoreError(f"{name} is not a ghindex code store (not an HDF5 file)")
+        try:
+            f = h5py.File(name, "r" if mode == "r" else "r+", rdcc_nbytes=CHUNK_CACHE_BYTES)
+        except OSError as exc:
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "lock" in text.lower():
+                raise StoreError(f"{name} is open for writing by another process ({text})") from None
+            raise StoreError(f"{name} is not a readable code store (truncated or corrupt HDF5: {text})") from None
+        try:
+            cls._validate(f, name, allow_incomplete)
+        except BaseException:
+            f.close()
+            raise
+        return cls(f, name, writable=(mode == "a"))
+
+    @staticmethod
+    def _validate(f, name: str, allow_incomplete: bool) -> None:
+        try:
+            if "codes" not in f or "ids" not in f or "format_version" not in f.attrs or "bits" not in f.attrs:
+                raise StoreError(f"{name} is an HDF5 file but not a ghindex code store (no codes/ids datasets or format attributes)")
+            version = int(f.attrs["format_version"])
+            if version > FORMAT_VERSION:
+                raise StoreError(f"{name}: code store format version {version} is newer than this ghindex supports ({FORMAT_VERSION})")
+            bits = int(f.attrs["bits"])
+            codes = f["codes"]
+            if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] * 8 != bits:
+                raise StoreError(f"{name}: codes dataset {codes.dtype} {codes.shape} does not hold {bits}-bit codes")
+            order = _py(f.attrs.get("bit_order", BIT_ORDER))
+            if order != BIT_ORDER:
+                raise StoreError(f"{name}: bit order {order!r} is not supported (expected {BIT_ORDER!r})")
+            n = codes.shape[0]
+            for key in ("ids", "labels", "paths"):
+                if key in f and f[key].shape[0] != n:
+                    raise StoreError(f"{name}: {key} has {f[key].shape[0]} rows but codes has {n} (damaged store)")
+            if not allow_incomplete and not bool(f.attrs.get("complete", False)):
+                raise StoreError(
+                    f"{name} is an incomplete code store ({n} rows written; its writer was interrupted or is "
+                    "still running): finish it with `ghindex encode ... --resume`, or open it with allow_incomplete=True"
+                )
+        except StoreError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise StoreError(f"{name} is a damaged code store ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+    # -- description ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def bits(self) -> int:
+        return int(self._f.attrs["bits"])
+
+    @property
+    def code_bytes(self) -> int:
+        return self.bits // 8
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._f.attrs.get("complete", False))
+
+    @property
+    def encoder_fingerprint(self) -> str:
+        return _py(self._f.attrs.get("encoder_fingerprint", ""))
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """All attributes as plain Python values (JSON text for lists/dicts stays text)."""
+        return {key: _py(value) for key, value in self._f.attrs.items()}
+
+    @property
+    def class_names(self) -> list[str] | None:
+        raw = self._f.attrs.get("class_names")
+        if raw is None or raw == "":
+            return None
+        try:
+            names = json.loads(_py(raw))
+        except (ValueError, TypeError):
+            return None
+        return [str(n) for n in names] if isinstance(names, list) else None
+
+    @property
+    def has_labels(self) -> bool:
+        return "labels" in self._f
+
+    @property
+    def label_shape(self) -> tuple | None:
+        """None (no labels), () single-label, or (C,) multi-hot."""
+        return tuple(self._f["labels"].shape[1:]) if self.has_labels else None
+
+    @property
+    def has_paths(self) -> bool:
+        return "paths" in self._f
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self._f["codes"].chunks[0])
+
+    @property
+    def num_skipped(self) -> int:
+        return int(self._f["skipped/position"].shape[0]) if "skipped" in self._f else 0
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the file's bytes (after a flush, so it matches what is on disk)."""
+        from .io import file_fingerprint
+
+        if self._fingerprint is None or self.writable:
+            if self.writable:
+                self._f.flush()
+            self._fingerprint = file_fingerprint(self.path)
+        return self._fingerprint
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else "incomplete"
+        return f"<CodeStore {self.path!r}: {self._n} x {self.bits}-bit codes, {state}>"
+
+    # -- reading -------------------------------------------------------------------------------
+    def _check_open(self):
+        if not self._f.id.valid:
+            raise StoreError(f"{self.path}: the store is closed")
+
+    def read(self, start: int = 0, stop: int | None = None, paths: bool = True) -> CodeBatch:
+        """Rows [start, stop) (clipped to the store). `paths=False` skips the (slow) path strings."""
+        self._check_open()
+        n = self._n
+        start, stop, _ = slice(start, stop).indices(n)
+        stop = max(start, stop)
+        f = self._f
+        try:
+            labels = f["labels"][start:stop] if self.has_labels else None
+            names = _decode_paths(f["paths"][start:stop]) if (paths and self.has_paths) else None
+            return CodeBatch(f["codes"][start:stop], f["ids"][start:stop], labels, names)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot read rows {start}:{stop} ({str(exc).splitlines()[0]})") from None
+
+    def default_iter_rows(self) -> int:
+        row_bytes = self.code_bytes + 8 + (int(np.prod(self.label_shape or (1,))) * 8 if self.has_labels else 0)
+        rows = max(self.chunk_rows, ITER_BYTES // row_bytes)
+        return rows - rows % self.chunk_rows  # whole chunks: every chunk is decoded once
+
+    def iter_chunks(self, rows: int | None = None, start: int = 0, stop: int | None = None,
+                    paths: bool = True) -> Iterator[CodeBatch]:
+        """Yield consecutive CodeBatches of at most `rows` rows covering [start, stop) exactly once.
+
+        Default `rows`: whole HDF5 chunks, about 32 MiB of codes+ids+labels per batch.
+        """
+        rows = int(rows or self.default_iter_rows())
+        if rows <= 0:
+            raise StoreError(f"{self.path}: rows must be positive, got {rows}")
+        start, stop, _ = slice(start, stop).indices(self._n)
+        for begin in range(start, stop, rows):
+            yield self.read(begin, min(begin + rows, stop), paths=paths)
+
+    def codes(self) -> np.ndarray:
+        """All codes in memory (N x bits/8 bytes)."""
+        return self.read(paths=False).codes
+
+    def ids(self) -> np.ndarray:
+        self._check_open()
+        return self._f["ids"][: self._n]
+
+    def labels(self) -> np.ndarray | None:
+        self._check_open()
+        return self._f["labels"][: self._n] if self.has_labels else None
+
+    def paths(self) -> list[str] | None:
+        self._check_open()
+        return _decode_paths(self._f["paths"][: self._n]) if self.has_paths else None
+
+    def skipped(self) -> list[dict[str, Any]]:
+        """Inputs that could not be encoded: [{"position", "path", "reason"}...]."""
+        self._check_open()
+        if "skipped" not in self._f:
+            return []
+        g = self._f["skipped"]
+        return [
+            {"position": int(pos), "path": p, "reason": r}
+            for pos, p, r in zip(g["position"][:], _decode_paths(g["path"][:]), _decode_paths(g["reason"][:]))
+        ]
+
+    # -- writing -------------------------------------------------------------------------------
+    def _check_writable(self):
+        self._check_open()
+        if not self.writable:
+            raise StoreError(f"{self.path} is open read-only")
+
+    def _mark_incomplete(self):
+        if self._f.attrs.get("complete", False):
+            # An append in place makes the file temporarily not what it claims; say so on disk first.
+            self._f.attrs["complete"] = False
+            self._f.flush()
+
+    def append(self, codes, ids, labels=None, paths=None) -> None:
+        """Append rows: codes (n, bits/8) uint8, ids (n,) integers, labels/paths iff the store has them."""
+        self._check_writable()
+        codes = np.asarray(codes)
+        if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != self.code_bytes:
+            raise StoreError(
+                f"{self.path}: expected codes of shape (n, {self.code_bytes}) uint8 for {self.bits}-bit codes, "
+                f"got {codes.dtype} {codes.shape}"
+            )
+        k = codes.shape[0]
+        ids = np.asarray(ids)
+        if ids.shape != (k,) or not (np.issubdtype(ids.dtype, np.integer) or k == 0):
+            raise StoreError(f"{self.path}: expected {k} integer ids, got {ids.dtype} {ids.shape}")
+        if self.has_labels:
+            if labels is None:
+                raise StoreError(f"{self.path}: this store has labels; append needs labels too")
+            labels = np.asarray(labels)
+            want = (k, *self.label_shape)
+            if labels.shape != want:
+                raise StoreError(f"{self.path}: expected labels of shape {want}, got {labels.shape}")
+            labels = labels.astype(np.int64) if not self.label_shape else (labels != 0).astype(np.uint8)
+        elif labels is not None:
+            raise StoreError(f"{self.path}: this store was created without labels")
+        if self.has_paths:
+            if paths is None or len(paths) != k:
+                raise StoreError(f"{self.path}: this store keeps paths; append needs {k} paths")
+        elif paths is not None:
+            raise StoreError(f"{self.path}: this store was created without paths")
+        if k == 0:
+            return
+        self._mark_incomplete()
+        f, n = self._f, self._n
+        try:
+            for key, value in (("codes", codes), ("ids", ids.astype(np.int64, copy=False)), ("labels", labels),
+                               ("paths", _encode_paths(paths) if self.has_paths else None)):
+                if value is not None:
+                    ds = f[key]
+                    ds.resize(n + k, axis=0)
+                    ds[n : n + k] = value
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot write rows ({str(exc).splitlines()[0]})") from None
+        self._n = n + k
+
+    def add_skipped(self, positions: Sequence[int], paths: Sequence, reasons: Sequence[str]) -> None:
+        """Record inputs that could not be encoded: their position in the data, path and reason."""
+        self._check_writable()
+        if not (len(positions) == len(paths) == len(reasons)):
+            raise StoreError(f"{self.path}: skipped positions, paths and reasons differ in length")
+        k = len(positions)
+        if not k:
+            return
+        self._mark_incomplete()
+        g = self._f["skipped"]
+        m = g["position"].shape[0]
+        for key, value in (("position", np.asarray(positions, dtype=np.int64)), ("path", _encode_paths(paths)),
+                           ("reason", _encode_paths(reasons))):
+            g[key].resize(m + k, axis=0)
+            g[key][m : m + k] = value
+
+    def set_attrs(self, **values) -> None:
+        """Set writer-defined attributes (not the reserved format attributes)."""
+        self._check_writable()
+        for key, value in values.items():
+            if key in _RESERVED_ATTRS:
+                raise StoreError(f"{self.path}: attribute {key!r} is reserved")
+            self._f.attrs[key] = _attr_value(value)
+
+    def flush(self) -> None:
+        """Write everything appended so far to the file (HDF5 metadata included)."""
+        self._check_open()
+        if self.writable:
+            self._f.flush()
+
+    def mark_complete(self) -> None:
+        """Declare the store finished: readers accept it from now on."""
+        self._check_writable()
+        self._f.attrs["complete"] = True
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self) -> "CodeStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
