@@ -1,0 +1,59 @@
+"""`ghindex build`: a thin wrapper over `ghindex.index.build`."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("build")
+@click.option("--codes", required=True, type=click.Path(dir_okay=False),
+              help="HDF5 code store to index (from `ghindex encode`).")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
+              help="Index directory to write (index.faiss + meta.json).")
+@click.option("--index-key", default="auto", show_default=True,
+              help="FAISS binary factory string: auto (BFlat up to 1M codes, else BIVF with lists chosen "
+                   "from N), BFlat, BIVF<nlist>, BIVF (nlist from N), BIVF<nlist>_HNSW<M>, BHNSW<M>, "
+                   "BHash<b>, BHash<nhash>x<b>.")
+@click.option("--index-param", multiple=True, metavar="NAME=VALUE",
+              help="Index parameter, repeatable: nprobe, train_size, kmeans_iters (IVF); efSearch, "
+                   "efConstruction (HNSW); nflip (hash). [default: nprobe = nlist/64]")
+@click.option("--gpu", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Run IVF k-means on GPU when FAISS has one; 'on' fails without one.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Stop before building if the index needs more memory than this (e.g. 8G, 512M; "
+                   "powers of 1024). [default: no limit]")
+@click.option("--overwrite", is_flag=True, help="Replace an existing index directory at --out.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the IVF training sample and k-means.")
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=None,
+              help="Codes read from the store per chunk. [default: the store's, about 32 MiB]")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="Output format of the summary on stdout.")
+def build(codes, out, index_key, index_param, gpu, max_memory, overwrite, seed, chunk_rows, fmt):
+    """Build a FAISS binary index from a code store.
+
+    Reads the store in chunks and keeps its ids. The memory the index needs is estimated and logged
+    (stderr) before any code is read. Codes of a width without a fast FAISS kernel (e.g. 48 bits) are
+    zero-padded inside the index (distances are unchanged). Prints the index's metadata to stdout.
+    """
+    from ghindex.index import build as build_fn
+
+    meta = build_fn(codes, out, index_key=index_key, index_param=index_param, gpu=gpu,
+                    max_memory=max_memory, overwrite=overwrite, seed=seed, chunk_rows=chunk_rows)
+    if fmt == "json":
+        click.echo(json.dumps(meta, sort_keys=True))
+        return
+    rows = [
+        ("index", meta["path"]),
+        ("index_key", meta["index_key"]),
+        ("ntotal", f"{meta['ntotal']:,}"),
+        ("bits", f"{meta['bits']} (searched as {meta['padded_bytes'] * 8})"),
+        ("params", ", ".join(f"{k}={v}" for k, v in sorted(meta["params"].items())) or "-"),
+        ("store", meta["store_path"]),
+        ("store_fingerprint", meta["store_fingerprint"]),
+        ("encoder_fingerprint", meta["encoder_fingerprint"] or "-"),
+        ("build_seconds", meta["build_seconds"]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name:<{width}}  {value}")
