@@ -361,8 +361,11 @@ class QueryStats:
     """Per-query counts every metric here is computed from (see `summarize`).
 
     ap / ap_tie_avg: (Q,) AP@topk under the position tie rule / averaged over tie orders.
-    dist_counts / dist_relevant: (Q, bits + 1) items / relevant items at each Hamming distance.
+    relevant_total: (Q,) relevant items in the whole database.
     relevant_at: (Q, len(cutoffs)) relevant items in the top n for each n in `cutoffs`.
+    dist_counts / dist_relevant: (Q, bits + 1) items / relevant items at each Hamming distance over
+    the whole database; None when the statistics come from truncated result lists
+    (`ranked_list_stats`), which cannot give radius metrics for every radius.
     """
 
     bits: int
@@ -371,17 +374,14 @@ class QueryStats:
     cutoffs: np.ndarray
     ap: np.ndarray
     ap_tie_avg: np.ndarray
-    dist_counts: np.ndarray
-    dist_relevant: np.ndarray
+    relevant_total: np.ndarray
     relevant_at: np.ndarray
+    dist_counts: np.ndarray | None = None
+    dist_relevant: np.ndarray | None = None
 
     @property
     def n_queries(self) -> int:
         return int(self.ap.shape[0])
-
-    @property
-    def relevant_total(self) -> np.ndarray:
-        return self.dist_relevant.sum(axis=1)
 
 
 def query_stats(query_codes, db_codes, query_labels, db_labels, topk=None, cutoffs=None,
@@ -411,10 +411,7 @@ def query_stats(query_codes, db_codes, query_labels, db_labels, topk=None, cutof
         raise ConfigError(f"codes of {bits} bits are too wide for the metric kernel (max 32000)")
     rel = _relevance(query_labels, db_labels, n_q, n_db)
     k = _check_topk(topk, n_db)
-    cut = np.unique(np.asarray(sorted(set(CUTOFFS) | set(PN_POINTS)) if cutoffs is None else cutoffs,
-                               np.int64))
-    if cut.size == 0 or cut[0] <= 0:
-        raise ConfigError(f"cutoffs must be positive integers, got {cutoffs!r}")
+    cut = _cutoff_array(cutoffs)
     max_rank = int(min(cut[-1], n_db))
     # slot_of_rank[r] = index of the first cutoff >= r, for ranks 1..max_rank
     slot_of_rank = np.searchsorted(cut, np.arange(max_rank + 1)).astype(np.int64)
@@ -450,7 +447,97 @@ def query_stats(query_codes, db_codes, query_labels, db_labels, topk=None, cutof
     over = cut > n_db
     if over.any():
         relevant_at[:, over] = dist_relevant.sum(axis=1)[:, None]
-    return QueryStats(bits, n_db, k, cut, ap, ap_avg, dist_counts, dist_relevant, relevant_at)
+    return QueryStats(bits, n_db, k, cut, ap, ap_avg, dist_relevant.sum(axis=1), relevant_at,
+                      dist_counts, dist_relevant)
+
+
+def _cutoff_array(cutoffs) -> np.ndarray:
+    cut = np.unique(np.asarray(sorted(set(CUTOFFS) | set(PN_POINTS)) if cutoffs is None else cutoffs, np.int64))
+    if cut.size == 0 or cut[0] <= 0:
+        raise ConfigError(f"cutoffs must be positive integers, got {cutoffs!r}")
+    return cut
+
+
+def relevant_counts(query_labels, db_labels, chunk_size: int = 1024) -> np.ndarray:
+    """(Q,) number of database items sharing a label with each query (no codes needed).
+
+    Single-label: a class histogram. Multi-hot: database rows are grouped by their distinct label
+    pattern first (a few thousand at most in practice), so the work is queries x patterns.
+    """
+    ql, dl = np.asarray(query_labels), np.asarray(db_labels)
+    rel = _relevance(ql, dl, ql.shape[0] if ql.ndim else 0, dl.shape[0] if dl.ndim else 0)
+    if not rel.multi:
+        classes, counts = np.unique(rel.db_int, return_counts=True)
+        idx = np.clip(np.searchsorted(classes, rel.query_int), 0, max(len(classes) - 1, 0))
+        if not len(classes):
+            return np.zeros(len(rel.query_int), np.int64)
+        return np.where(classes[idx] == rel.query_int, counts[idx], 0).astype(np.int64)
+    patterns, counts = np.unique(rel.db_mask, axis=0, return_counts=True)
+    out = np.zeros(rel.query_mask.shape[0], np.int64)
+    for s in range(0, len(out), chunk_size):
+        hit = (rel.query_mask[s:s + chunk_size, None, :] & patterns[None, :, :]).any(axis=2)
+        out[s:s + chunk_size] = hit @ counts
+    return out
+
+
+def ranked_list_stats(rows, distances, query_labels, db_labels, bits: int, n_db: int,
+                      relevant_total=None, cutoffs=None) -> QueryStats:
+    """Statistics of truncated result lists, e.g. from an approximate (IVF, HNSW, hash) index.
+
+    rows (Q, K): database positions of the results (-1 for an empty slot); distances (Q, K): their
+    Hamming distances. Each list is re-ranked by (distance, database position), the same tie rule as
+    `query_stats`, so the order a search library returns ties in does not matter; which tied items
+    made it into a list at its last distance is the index's choice. AP is AP@K over the list;
+    the tie-averaged AP averages over tie orders inside the list. `relevant_total` (Q,) defaults to
+    `relevant_counts(query_labels, db_labels)`. Only cutoffs <= K (or all, if K >= n_db) are kept.
+    """
+    rows = np.asarray(rows, np.int64)
+    distances = np.asarray(distances, np.int64)
+    if rows.ndim != 2 or rows.shape != distances.shape:
+        raise ConfigError(f"rows and distances must be 2-d arrays of equal shape, got {rows.shape}, {distances.shape}")
+    n_q, k = rows.shape
+    if rows.size and rows.max() >= n_db:
+        raise ConfigError(f"result rows must lie in 0..{n_db - 1} (or -1 for none), found {rows.max()}")
+    ql, dl = np.asarray(query_labels), np.asarray(db_labels)
+    rel_info = _relevance(ql, dl, n_q, n_db)
+    if relevant_total is None:
+        relevant_total = relevant_counts(ql, dl)
+    relevant_total = np.asarray(relevant_total, np.int64)
+    valid = rows >= 0
+    # rank key: distance, then database position; empty slots last
+    key = np.where(valid, distances * (n_db + 1) + rows, np.iinfo(np.int64).max)
+    order = np.argsort(key, axis=1, kind="stable")
+    rows = np.take_along_axis(rows, order, axis=1)
+    distances = np.take_along_axis(distances, order, axis=1)
+    valid = np.take_along_axis(valid, order, axis=1)
+    safe = np.where(valid, rows, 0)
+    if rel_info.multi:
+        rel = (rel_info.query_mask[:, None, :] & rel_info.db_mask[safe]).any(axis=2)
+    else:
+        rel = rel_info.query_int[:, None] == rel_info.db_int[safe]
+    rel &= valid
+    hits = np.cumsum(rel, axis=1)
+    ranks = np.arange(1, k + 1)
+    found = hits[:, -1] if k else np.zeros(n_q, np.int64)
+    ap = _safe_div(np.where(rel, hits / ranks, 0.0).sum(axis=1), found)
+    # tie-averaged AP within each list: counts per distance among the returned items
+    ap_avg = np.zeros(n_q)
+    harmonic = _harmonic(max(k, 1))
+    logp = np.empty(1)
+    for i in range(n_q):
+        d = distances[i][valid[i]]
+        if not d.size:
+            continue
+        counts = np.bincount(d, minlength=bits + 1)
+        rel_counts = np.bincount(d[rel[i][valid[i]]], minlength=bits + 1)
+        ap_avg[i] = _tie_averaged_ap(counts, rel_counts, int(d.size), harmonic, logp)
+    cut = _cutoff_array(cutoffs)
+    if k < n_db:
+        cut = cut[cut <= k]
+    relevant_at = np.zeros((n_q, cut.size), np.int64)
+    for j, c in enumerate(cut):
+        relevant_at[:, j] = hits[:, min(int(c), k) - 1] if k else 0
+    return QueryStats(int(bits), int(n_db), int(min(k, n_db)), cut, ap, ap_avg, relevant_total, relevant_at)
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -459,54 +546,76 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den > 0)
 
 
-def _at(stats: QueryStats, n: int) -> np.ndarray:
+def _at(stats: QueryStats, n: int) -> np.ndarray | None:
     idx = np.searchsorted(stats.cutoffs, n)
     if idx >= stats.cutoffs.size or stats.cutoffs[idx] != n:
-        raise ConfigError(f"n={n} was not among the cutoffs the statistics were computed for")
+        return None
     return stats.relevant_at[:, idx]
 
 
-def summarize(stats: QueryStats, radius: int = 2, cutoffs=CUTOFFS, pn_points=PN_POINTS) -> dict:
-    """Mean metrics over queries, as a JSON-ready dict (see the module docstring for definitions)."""
+def _mean(values) -> float:
+    values = np.asarray(values, np.float64)
+    return float(values.mean()) if values.size else 0.0
+
+
+def summarize(stats: QueryStats, radius: int = 2, cutoffs=CUTOFFS, pn_points=PN_POINTS,
+              radius_counts=None) -> dict:
+    """Mean metrics over queries, as a JSON-ready dict (see the module docstring for definitions).
+
+    Radius metrics and the PR curve come from the per-distance counts; for list statistics
+    (no counts) pass `radius_counts=(retrieved, relevant)`, (Q,) arrays for `radius`, or get None.
+    precision/recall@n are reported for the n in `cutoffs` the statistics hold.
+    """
     if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
         raise ConfigError(f"radius must be a non-negative integer, got {radius!r}")
     radius = int(min(radius, stats.bits))
     total_rel = stats.relevant_total
-    cum_all = np.cumsum(stats.dist_counts, axis=1)
-    cum_rel = np.cumsum(stats.dist_relevant, axis=1)
-    precision_r = _safe_div(cum_rel, cum_all)  # (Q, bits+1): 0 where nothing is retrieved
-    recall_r = _safe_div(cum_rel, total_rel[:, None])
     out = {
         "queries": stats.n_queries,
         "database": stats.n_db,
         "bits": stats.bits,
         "topk": "all" if stats.topk >= stats.n_db else stats.topk,
         "tie_rule": "ties ranked by database position",
-        "map": float(stats.ap.mean()) if stats.n_queries else 0.0,
-        "map_tie_avg": float(stats.ap_tie_avg.mean()) if stats.n_queries else 0.0,
+        "map": _mean(stats.ap),
+        "map_tie_avg": _mean(stats.ap_tie_avg),
         "queries_without_relevant": int((total_rel == 0).sum()),
         "precision_at": {},
         "recall_at": {},
         "radius": radius,
-        "precision_within_radius": float(precision_r[:, radius].mean()) if stats.n_queries else 0.0,
-        "recall_within_radius": float(recall_r[:, radius].mean()) if stats.n_queries else 0.0,
-        "retrieved_within_radius": float(cum_all[:, radius].mean()) if stats.n_queries else 0.0,
-        "queries_retrieving_nothing_within_radius": int((cum_all[:, radius] == 0).sum()),
+        "precision_within_radius": None,
+        "recall_within_radius": None,
+        "retrieved_within_radius": None,
+        "queries_retrieving_nothing_within_radius": None,
+        "pr_curve": None,
+        "pn_curve": None,
     }
     for n in cutoffs:
         hits = _at(stats, int(n))
-        out["precision_at"][str(n)] = float((hits / min(int(n), stats.n_db)).mean()) if stats.n_queries else 0.0
-        out["recall_at"][str(n)] = float(_safe_div(hits, total_rel).mean()) if stats.n_queries else 0.0
-    out["pr_curve"] = {
-        "radius": list(range(stats.bits + 1)),
-        "precision": [float(v) for v in precision_r.mean(axis=0)] if stats.n_queries else [],
-        "recall": [float(v) for v in recall_r.mean(axis=0)] if stats.n_queries else [],
-    }
-    points = [int(n) for n in pn_points if n <= stats.n_db]
-    out["pn_curve"] = {
-        "n": points,
-        "precision": [float((_at(stats, n) / n).mean()) for n in points] if stats.n_queries else [],
-    }
+        if hits is not None:
+            out["precision_at"][str(n)] = _mean(hits / min(int(n), stats.n_db))
+            out["recall_at"][str(n)] = _mean(_safe_div(hits, total_rel))
+    if stats.dist_counts is not None:
+        cum_all = np.cumsum(stats.dist_counts, axis=1)
+        cum_rel = np.cumsum(stats.dist_relevant, axis=1)
+        precision_r = _safe_div(cum_rel, cum_all)  # (Q, bits+1): 0 where nothing is retrieved
+        recall_r = _safe_div(cum_rel, total_rel[:, None])
+        retrieved, relevant = cum_all[:, radius], cum_rel[:, radius]
+        out["pr_curve"] = {
+            "radius": list(range(stats.bits + 1)),
+            "precision": [float(v) for v in precision_r.mean(axis=0)] if stats.n_queries else [],
+            "recall": [float(v) for v in recall_r.mean(axis=0)] if stats.n_queries else [],
+        }
+    elif radius_counts is not None:
+        retrieved, relevant = (np.asarray(v, np.int64) for v in radius_counts)
+    else:
+        retrieved = relevant = None
+    if retrieved is not None:
+        out["precision_within_radius"] = _mean(_safe_div(relevant, retrieved))
+        out["recall_within_radius"] = _mean(_safe_div(relevant, total_rel))
+        out["retrieved_within_radius"] = _mean(retrieved)
+        out["queries_retrieving_nothing_within_radius"] = int((retrieved == 0).sum())
+    points = [int(n) for n in pn_points if n <= stats.n_db and _at(stats, int(n)) is not None]
+    out["pn_curve"] = {"n": points, "precision": [_mean(_at(stats, n) / n) for n in points]}
     return out
 
 

@@ -307,3 +307,42 @@ def test_bad_inputs_raise_typed_errors(rng):
         metrics.summarize(metrics.query_stats(qc, dc, ql, dl), radius=-1)
     with pytest.raises(ConfigError, match="ties"):
         metrics.mean_average_precision(qc, dc, ql, dl, ties="random")
+
+
+# ---- result lists (approximate indexes) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_relevant_counts(rng, multi):
+    if multi:
+        ql, dl = rng.random((15, 6)) < 0.3, rng.random((80, 6)) < 0.3
+    else:
+        ql, dl = rng.integers(0, 5, 15), rng.integers(0, 4, 80)  # class 4 absent from the database
+    np.testing.assert_array_equal(metrics.relevant_counts(ql, dl), metrics.relevance_matrix(ql, dl).sum(1))
+
+
+@pytest.mark.parametrize("k", [7, 60, 200])
+def test_ranked_lists_in_any_tie_order_give_the_exact_statistics(rng, k):
+    qc, dc = tied_codes(rng, 12), tied_codes(rng, 200)
+    ql, dl = rng.integers(0, 3, 12), rng.integers(0, 3, 200)
+    exact = metrics.query_stats(qc, dc, ql, dl, topk=k)
+    dist = hamming_distances(qc, dc)
+    # the exact top k under the tie rule, handed over shuffled (as a search library might)
+    rows = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    shuffled = np.array([rng.permutation(r) for r in rows])
+    listed = metrics.ranked_list_stats(shuffled, np.take_along_axis(dist, shuffled, 1), ql, dl, bits=8, n_db=200)
+    np.testing.assert_allclose(listed.ap, exact.ap, atol=1e-12)
+    np.testing.assert_array_equal(listed.relevant_total, exact.relevant_total)
+    got, want = metrics.summarize(listed), metrics.summarize(exact)
+    assert got["map"] == pytest.approx(want["map"], abs=1e-12)
+    for n, value in got["precision_at"].items():
+        assert value == pytest.approx(want["precision_at"][n], abs=1e-12)
+        assert got["recall_at"][n] == pytest.approx(want["recall_at"][n], abs=1e-12)
+    assert set(got["precision_at"]) == {str(c) for c in metrics.CUTOFFS if c <= k or k >= 200}
+    assert got["pr_curve"] is None and got["precision_within_radius"] is None
+    # empty slots (-1) are nothing retrieved, wherever the search library put them
+    holes = np.where(np.arange(k) % 2 == 0, shuffled, -1)
+    partial = metrics.ranked_list_stats(holes, np.take_along_axis(dist, shuffled, 1), ql, dl, bits=8, n_db=200)
+    kept = [np.sort(h[h >= 0]) for h in holes]  # database order, as the tie rule needs
+    expected = [plain_ap(ranked_relevance(qc[i], dc[kept[i]], ql[i] == dl[kept[i]])[0], k) for i in range(12)]
+    np.testing.assert_allclose(partial.ap, expected, atol=1e-12)
