@@ -13,6 +13,8 @@ from ghindex.errors import GhindexError
 # for importing torch-heavy training code.
 COMMANDS: dict[str, str] = {
     "build": "build:build",
+    "query": "query:query",
+    "eval": "eval:eval_",
 }
 
 

@@ -1,0 +1,54 @@
+"""`ghindex query`: a thin wrapper over `ghindex.query.query`."""
+from __future__ import annotations
+
+import csv
+import sys
+
+import click
+
+
+@click.command("query")
+@click.option("--index", required=True, type=click.Path(), help="Index directory (from `ghindex build`).")
+@click.option("--model", type=click.Path(dir_okay=False), default=None,
+              help="Model file (.ghm) that encodes the query IMAGEs; must be the index's encoder "
+                   "(same file fingerprint) unless --force.")
+@click.argument("images", nargs=-1, type=click.Path())
+@click.option("--codes", type=click.Path(dir_okay=False), default=None,
+              help="Query with every code of this code store (.h5) instead of images.")
+@click.option("--ids", default=None, metavar="ID,ID,...",
+              help="Query with these ids of the index's code store, e.g. 3,17.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per query.")
+@click.option("--radius", type=click.IntRange(min=0), default=None,
+              help="Keep only neighbours within this Hamming distance (bits), still at most k. [default: no limit]")
+@click.option("--force", is_flag=True,
+              help="Accept a model/query store from another encoder than the index's, or a code store "
+                   "changed since the index was built.")
+@click.option("--grid", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG: each query image with its neighbours, framed green (relevant) / red.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images encoded per batch.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True, help="table for people; json = one JSON object per query per line; "
+                                      "csv = one row per neighbour.")
+def query(index, model, images, codes, ids, k, radius, force, grid, batch_size, fmt):
+    """Find the nearest codes in INDEX for query IMAGES (with --model), --codes or --ids.
+
+    Neighbours are ranked by Hamming distance, ties by database position, with their id, distance,
+    and path and label when the index's code store has them.
+    """
+    from ghindex.query import CSV_FIELDS, csv_rows, format_table, json_lines
+    from ghindex.query import query as query_fn
+
+    results = query_fn(index, model=model, images=images, codes=codes, ids=ids or (), k=k, radius=radius,
+                       force=force, grid=grid, batch_size=batch_size)
+    if fmt == "json":
+        if results:
+            click.echo(json_lines(results))
+    elif fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=CSV_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(csv_rows(results))
+    else:
+        click.echo(format_table(results))
+    if grid:
+        click.echo(f"grid: {grid}", err=True)

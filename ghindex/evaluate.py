@@ -1,0 +1,355 @@
+"""`evaluate`: retrieval metrics of query codes against database codes, directly or through an index.
+
+Two ways to rank, one set of definitions (ghindex.metrics):
+
+- **exact** (no index, or an exhaustive `BFlat` index): every query against every database code,
+  computed by the metric kernel from the code stores. This is exactly what a flat index returns,
+  with ties ranked by database position, so the numbers do not depend on the index, the machine or
+  FAISS's tie order.
+- **index** (IVF, HNSW, hash indexes): the index's own top-K lists (`topk` must be a number), re-ranked
+  by (distance, database position); precision/recall within the radius come from its range search
+  (None for HNSW, which has none) and there is no PR curve over all radii.
+
+The database is the code store the index was built from (index meta `store_path`) unless given; its
+fingerprint must match the one the index recorded. The JSON report carries the protocol, split,
+seed, bits and the fingerprints of both stores, the index and the encoder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+
+from . import metrics
+from .errors import ConfigError, DataError, IndexFileError, SearchError, StoreError
+from .io import atomic_path
+
+log = logging.getLogger(__name__)
+
+#: Queries per index search call in index mode (bounds the (queries x K) result arrays).
+SEARCH_CHUNK = 1024
+
+
+class StoreLookup:
+    """Map the ids a search returns to rows of the code store (database positions)."""
+
+    def __init__(self, store_ids: np.ndarray):
+        store_ids = np.asarray(store_ids, np.int64)
+        self.order = np.argsort(store_ids, kind="stable")
+        self.sorted_ids = store_ids[self.order]
+
+    def rows(self, ids) -> np.ndarray:
+        """Rows of `ids` (any shape); -1 where an id is -1 or not in the store."""
+        ids = np.asarray(ids, np.int64)
+        if not len(self.sorted_ids):
+            return np.full(ids.shape, -1, np.int64)
+        pos = np.clip(np.searchsorted(self.sorted_ids, ids), 0, len(self.sorted_ids) - 1)
+        found = (self.sorted_ids[pos] == ids) & (ids >= 0)
+        return np.where(found, self.order[pos], -1)
+
+
+def _open_store(path, what: str):
+    from .store import CodeStore
+
+    if path is None:
+        raise ConfigError(f"no {what} code store given")
+    return CodeStore.open(path)
+
+
+def _store_info(store) -> dict:
+    attrs = store.attrs
+    return {
+        "path": os.path.abspath(store.path),
+        "count": len(store),
+        "bits": store.bits,
+        "fingerprint": store.fingerprint,
+        "encoder_fingerprint": store.encoder_fingerprint or None,
+        "protocol": attrs.get("protocol"),
+        "split": attrs.get("split"),
+        "seed": attrs.get("seed"),
+        "source": attrs.get("source") or None,
+        "model": attrs.get("model"),
+    }
+
+
+def _peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def _check_labels(store, what: str) -> np.ndarray:
+    labels = store.labels()
+    if labels is None:
+        raise DataError(f"{store.path}: the {what} code store has no labels; metrics need them")
+    return labels
+
+
+def evaluate(queries, database=None, index=None, topk="all", radius: int = 2, report=None, plot=None,
+             progress: bool | None = None) -> dict:
+    """Retrieval metrics of the query store against the database store (see the module docstring).
+
+    queries, database: code store paths (both with labels). index: an index directory (or a loaded
+    `ghindex.index.Index`); without `database`, its store is the database. topk: "all" or K for
+    mAP@K. radius: Hamming radius for precision/recall within it. report: write the result as JSON
+    there. plot: path prefix for PNG plots (`PREFIX-pr.png`, `PREFIX-pn.png`). Returns the result dict.
+    """
+    from . import __version__
+
+    start = time.perf_counter()
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
+        raise ConfigError(f"radius must be a non-negative integer, got {radius!r}")
+    if not (isinstance(topk, str) and topk.lower() == "all"):
+        if isinstance(topk, str) and topk.isdigit():
+            topk = int(topk)
+        if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk <= 0:
+            raise ConfigError(f"topk must be 'all' or a positive integer, got {topk!r}")
+    warnings: list[str] = []
+
+    index_obj, meta, index_path = None, None, None
+    if index is not None:
+        from .index import Index, read_meta
+
+        if isinstance(index, Index):
+            index_obj, meta, index_path = index, index.meta, (str(index.path) if index.path else None)
+        else:
+            meta, index_path = read_meta(index), os.path.abspath(index)
+    if database is None:
+        if meta is None:
+            raise ConfigError("give database codes (--database) or an index built from a code store (--index)")
+        database = meta.get("store_path")
+        if not database:
+            raise ConfigError(f"index {index_path} records no code store; give the database codes (--database)")
+        if not os.path.exists(database):
+            raise StoreError(f"code store {database} (recorded in index {index_path}) not found; give --database")
+
+    with _open_store(queries, "query") as q_store, _open_store(database, "database") as db_store:
+        q_info, db_info = _store_info(q_store), _store_info(db_store)
+        if q_store.bits != db_store.bits:
+            raise ConfigError(f"query codes have {q_store.bits} bits but database codes {db_store.bits}")
+        if meta is not None:
+            if int(meta["bits"]) != db_store.bits:
+                raise ConfigError(f"index {index_path} holds {meta['bits']}-bit codes, the stores {db_store.bits}-bit")
+            recorded = meta.get("store_fingerprint")
+            if recorded and recorded != db_info["fingerprint"]:
+                raise IndexFileError(
+                    f"index {index_path} was built from a code store with another fingerprint than {database} "
+                    "(a different or changed store): rebuild the index or give the store it was built from"
+                )
+        q_enc, db_enc = q_info["encoder_fingerprint"], db_info["encoder_fingerprint"]
+        if q_enc and db_enc and q_enc != db_enc:
+            warnings.append("query and database codes come from different encoders (fingerprints differ)")
+            log.warning("warning: %s", warnings[-1])
+        if len(q_store) == 0:
+            raise DataError(f"{q_store.path} holds no codes")
+        if len(db_store) == 0:
+            raise DataError(f"{db_store.path} holds no codes")
+        q_labels, db_labels = _check_labels(q_store, "query"), _check_labels(db_store, "database")
+        q_codes, db_codes = q_store.codes(), db_store.codes()
+        exhaustive = meta is None or meta.get("index_kind", "flat") == "flat"
+        if exhaustive:
+            mode = "exact"
+            stats = metrics.query_stats(q_codes, db_codes, q_labels, db_labels,
+                                        topk=None if topk == "all" else topk, progress=progress)
+            summary = metrics.summarize(stats, radius=radius)
+        else:
+            mode = "index"
+            if topk == "all":
+                raise ConfigError(
+                    f"index {index_path} is approximate ({meta['index_key']}): give --topk K to evaluate its "
+                    "top-K lists, or evaluate the codes without the index for exact mAP@all"
+                )
+            if index_obj is None:
+                from .index import Index
+
+                index_obj = Index.load(index, gpu="off")
+            summary = _evaluate_with_index(index_obj, q_codes, q_labels, db_store, db_labels, int(topk),
+                                           radius, progress)
+        del db_codes
+
+    result = {
+        "metrics": summary,
+        "mode": mode,
+        "protocol": q_info["protocol"] or db_info["protocol"],
+        "seed": q_info["seed"] if q_info["seed"] is not None else db_info["seed"],
+        "bits": db_info["bits"],
+        "queries": q_info,
+        "database": db_info,
+        "index": None if meta is None else {
+            "path": index_path,
+            "index_key": meta.get("index_key"),
+            "params": meta.get("params", {}),
+            "ntotal": meta.get("ntotal"),
+            "store_fingerprint": meta.get("store_fingerprint"),
+            "encoder_fingerprint": meta.get("encoder_fingerprint"),
+        },
+        "encoder_fingerprint": db_info["encoder_fingerprint"] or q_info["encoder_fingerprint"],
+        "warnings": warnings,
+        "seconds": round(time.perf_counter() - start, 3),
+        "peak_rss_mib": _peak_rss_mib(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ghindex_version": __version__,
+        "plots": {},
+    }
+    if plot is not None:
+        result["plots"] = plot_curves(summary, plot)
+    if report is not None:
+        with atomic_path(report) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+        result["report"] = os.path.abspath(report)
+    return result
+
+
+def _evaluate_with_index(index, q_codes, q_labels, db_store, db_labels, k, radius, progress) -> dict:
+    """Metrics from an approximate index's result lists, queries in chunks."""
+    lookup = StoreLookup(db_store.ids())
+    n_db, bits = len(db_store), int(db_store.bits)
+    total = metrics.relevant_counts(q_labels, db_labels)
+    parts, retrieved, relevant = [], [], []
+    radius_ok = True
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(q_codes), unit="query", file=sys.stderr, desc="searching")
+    for s in range(0, len(q_codes), SEARCH_CHUNK):
+        e = min(s + SEARCH_CHUNK, len(q_codes))
+        dist, ids = index.search(q_codes[s:e], k)
+        rows = lookup.rows(ids)
+        if ((rows < 0) & (ids >= 0)).any():
+            raise IndexFileError("the index returned ids that are not in the database code store")
+        parts.append(metrics.ranked_list_stats(rows, dist, q_labels[s:e], db_labels, bits, n_db,
+                                               relevant_total=total[s:e]))
+        if radius_ok:
+            try:
+                lims, _d, r_ids = index.range_search(q_codes[s:e], radius)
+            except SearchError as exc:
+                radius_ok = False
+                log.info("no radius metrics: %s", exc)
+            else:
+                r_rows = lookup.rows(r_ids)
+                if (r_rows < 0).any():
+                    raise IndexFileError("the index returned ids that are not in the database code store")
+                owner = np.repeat(np.arange(e - s), np.diff(lims))
+                hits = _pair_relevance(q_labels[s:e], db_labels, owner, r_rows)
+                retrieved.append(np.diff(lims))
+                relevant.append(np.bincount(owner, weights=hits, minlength=e - s).astype(np.int64))
+        if bar is not None:
+            bar.update(e - s)
+    if bar is not None:
+        bar.close()
+    stats = metrics.QueryStats(
+        bits, n_db, parts[0].topk, parts[0].cutoffs,
+        np.concatenate([p.ap for p in parts]), np.concatenate([p.ap_tie_avg for p in parts]),
+        total, np.concatenate([p.relevant_at for p in parts]),
+    )
+    radius_counts = (np.concatenate(retrieved), np.concatenate(relevant)) if radius_ok else None
+    summary = metrics.summarize(stats, radius=radius, radius_counts=radius_counts)
+    summary["index_search"] = {"k": k, "ties_at_k": "chosen by the index"}
+    return summary
+
+
+def _pair_relevance(q_labels, db_labels, owner, rows) -> np.ndarray:
+    """Relevance of (query owner[i], database row rows[i]) pairs, as 0/1."""
+    if not len(rows):
+        return np.zeros(0)
+    ql, dl = np.asarray(q_labels)[owner], np.asarray(db_labels)[rows]
+    if ql.ndim == 1 and dl.ndim == 1:
+        return (ql == dl).astype(np.float64)
+    if ql.ndim == 1:
+        ql = np.eye(dl.shape[1], dtype=bool)[ql]
+    if dl.ndim == 1:
+        dl = np.eye(ql.shape[1], dtype=bool)[dl]
+    return ((ql != 0) & (dl != 0)).any(axis=1).astype(np.float64)
+
+
+def plot_curves(summary: dict, prefix) -> dict:
+    """PR curve (over Hamming radius) and P@N curve as PNGs at `PREFIX-pr.png`, `PREFIX-pn.png`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    prefix = os.fspath(prefix)
+    written = {}
+    title = f"{summary['bits']} bits, {summary['queries']:,} queries x {summary['database']:,} items"
+    pr = summary.get("pr_curve")
+    if pr:
+        fig = Figure(figsize=(5, 4), dpi=120)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.plot(pr["recall"], pr["precision"], marker="o", markersize=3)
+        r = summary["radius"]
+        if r < len(pr["recall"]):
+            ax.annotate(f"r<={r}", (pr["recall"][r], pr["precision"][r]), textcoords="offset points",
+                        xytext=(6, 6), fontsize=8)
+        ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
+               title=f"Precision-recall over Hamming radius 0..{summary['bits']}")
+        ax.grid(alpha=0.3)
+        fig.suptitle(title, fontsize=8, y=0.02, va="bottom")
+        written["pr"] = _save_png(fig, f"{prefix}-pr.png")
+    pn = summary.get("pn_curve")
+    if pn and pn["n"]:
+        fig = Figure(figsize=(5, 4), dpi=120)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.plot(pn["n"], pn["precision"], marker="o", markersize=3)
+        ax.set(xlabel="N (top retrieved)", ylabel="precision@N", ylim=(0, 1.02),
+               title="Precision@N (ties by database position)")
+        ax.grid(alpha=0.3)
+        fig.suptitle(title, fontsize=8, y=0.02, va="bottom")
+        written["pn"] = _save_png(fig, f"{prefix}-pn.png")
+    return written
+
+
+def _save_png(fig, path: str) -> str:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return os.path.abspath(path)
+
+
+def format_table(result: dict) -> str:
+    """A readable summary of an `evaluate` result."""
+    m = result["metrics"]
+    k = m["topk"]
+    lines = [
+        f"queries    {result['queries']['path']} ({m['queries']:,})",
+        f"database   {result['database']['path']} ({m['database']:,}, {m['bits']} bits)",
+    ]
+    if result.get("index"):
+        lines.append(f"index      {result['index']['path']} ({result['index']['index_key']}, mode {result['mode']})")
+    if result.get("protocol"):
+        lines.append(f"protocol   {result['protocol']} (seed {result['seed']})")
+    lines += [
+        "",
+        f"mAP@{k:<7}  {m['map']:.4f}   (ties by database position)",
+        f"mAP@{k:<7}  {m['map_tie_avg']:.4f}   (tie-averaged: expected over random tie orders)",
+    ]
+    if m["precision_at"]:
+        lines.append("")
+        lines.append(f"{'K':>6}  {'P@K':>7}  {'R@K':>7}")
+        for n in m["precision_at"]:
+            lines.append(f"{n:>6}  {m['precision_at'][n]:7.4f}  {m['recall_at'][n]:7.4f}")
+    if m["precision_within_radius"] is not None:
+        lines += [
+            "",
+            f"within Hamming radius {m['radius']}: precision {m['precision_within_radius']:.4f}, "
+            f"recall {m['recall_within_radius']:.4f}, {m['retrieved_within_radius']:.1f} items/query, "
+            f"{m['queries_retrieving_nothing_within_radius']:,} queries retrieve nothing",
+        ]
+    if m["queries_without_relevant"]:
+        lines.append(f"{m['queries_without_relevant']:,} queries have no relevant item (they count as 0)")
+    for w in result.get("warnings", []):
+        lines.append(f"warning: {w}")
+    lines.append("")
+    lines.append(f"{result['seconds']:.2f} s, peak memory {result['peak_rss_mib']:.0f} MiB")
+    for name, path in result.get("plots", {}).items():
+        lines.append(f"plot ({name}): {path}")
+    if result.get("report"):
+        lines.append(f"report: {result['report']}")
+    return "\n".join(lines)

@@ -1,0 +1,349 @@
+"""`query`: nearest neighbours from an index for images, stored codes or stored ids.
+
+Results come back per query, ranked by Hamming distance with ties by database position (the same
+rule as the metrics), with each neighbour's id, distance, and its path and label when the code store
+the index was built from (index meta `store_path`) keeps them. Images are encoded with the given
+model, which must be the model the index's codes came from: its file fingerprint must equal the
+index's `encoder_fingerprint` unless `force=True`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+
+from .errors import ConfigError, IndexFileError, ModelFileError, StoreError
+from .evaluate import StoreLookup
+from .io import atomic_path, file_fingerprint
+
+log = logging.getLogger(__name__)
+
+#: Largest grid the retrieval picture draws (rows = queries, columns = neighbours).
+GRID_MAX_QUERIES = 32
+GRID_MAX_NEIGHBOURS = 20
+GRID_CELL = 96
+
+
+def parse_ids(ids) -> list[int]:
+    """'3,17' / ['3', '17'] / [3, 17] -> [3, 17] (ConfigError for anything else)."""
+    if isinstance(ids, (str, bytes)):
+        ids = [ids]
+    out = []
+    for item in ids:
+        for part in str(item).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                value = int(part)
+            except ValueError:
+                raise ConfigError(f"ids must be integers separated by commas, got {part!r}") from None
+            out.append(value)
+    return out
+
+
+class _Store:
+    """The index's code store, read lazily: rows by id, labels, paths, class names."""
+
+    def __init__(self, store):
+        self.store = store
+        self.lookup = StoreLookup(store.ids())
+        self.labels = store.labels()
+        self.class_names = store.class_names
+        self._paths = None
+
+    def paths(self, rows) -> list[str | None]:
+        if not self.store.has_paths:
+            return [None] * len(rows)
+        rows = [int(r) for r in rows]
+        if self._paths is None and len(set(rows)) * 50 > len(self.store):
+            self._paths = self.store.paths()
+        if self._paths is not None:
+            return [self._paths[r] if r >= 0 else None for r in rows]
+        cache = {r: self.store.read(r, r + 1).paths[0] for r in set(rows) if r >= 0}
+        return [cache.get(r) for r in rows]
+
+    def label(self, row: int):
+        if self.labels is None or row < 0:
+            return None
+        return _label_value(self.labels[row])
+
+    def label_name(self, value):
+        return _label_name(value, self.class_names)
+
+
+def _label_value(raw):
+    """int for single-label rows, list of class indices for multi-hot rows."""
+    raw = np.asarray(raw)
+    if raw.ndim == 0:
+        return int(raw)
+    return [int(i) for i in np.flatnonzero(raw)]
+
+
+def _label_name(value, class_names):
+    if value is None or not class_names:
+        return None
+    if isinstance(value, list):
+        return [class_names[i] if 0 <= i < len(class_names) else str(i) for i in value]
+    return class_names[value] if 0 <= value < len(class_names) else str(value)
+
+
+def _relevant(a, b) -> bool | None:
+    if a is None or b is None:
+        return None
+    sa = set(a) if isinstance(a, list) else {a}
+    sb = set(b) if isinstance(b, list) else {b}
+    return bool(sa & sb)
+
+
+def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius: int | None = None,
+          force: bool = False, grid=None, batch_size: int = 64, device=None) -> list[dict]:
+    """Search `index` for each query and return one dict per query.
+
+    Queries are exactly one of: `images` (paths, encoded with `model`), `codes` (a code store: all
+    its codes, with its labels and paths), `ids` (ids in the index's code store, e.g. "3,17").
+    `k`: neighbours per query; `radius`: keep only neighbours within this Hamming distance (still at
+    most k). `force`: accept a model or query store whose encoder differs from the index's, and a
+    code store that changed since the index was built. `grid`: write a PNG with each query image and
+    its neighbours, framed green (relevant) / red (not) when labels are known.
+
+    Each result: {"query", "query_id", "query_path", "query_label", "query_label_name",
+    "neighbors": [{"rank", "id", "distance", "path", "label", "label_name", "relevant"}]}.
+    """
+    from .index import Index
+    from .store import CodeStore
+
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
+    if radius is not None and (isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0):
+        raise ConfigError(f"radius must be a non-negative integer number of bits, got {radius!r}")
+    images = [images] if isinstance(images, (str, os.PathLike)) else list(images or ())
+    ids = parse_ids(ids or ())
+    given = [name for name, value in (("images", images), ("codes", codes), ("ids", ids)) if value]
+    if len(given) != 1:
+        raise ConfigError("give exactly one kind of query: images (with a model), codes (a code store) or ids"
+                          + (f"; got {' and '.join(given)}" if given else ""))
+    if images and model is None:
+        raise ConfigError("images need a model to encode them (--model)")
+    if model is not None and not images:
+        raise ConfigError("a model is only used to encode query images; give images too")
+
+    idx = index if isinstance(index, Index) else Index.load(index)
+    index_name = str(idx.path) if idx.path is not None else "<in memory>"
+    meta = idx.meta
+    index_encoder = meta.get("encoder_fingerprint")
+
+    # the store the index was built from: paths and labels of neighbours (and codes for `ids`)
+    store, db = None, None
+    store_path = meta.get("store_path")
+    if store_path and os.path.exists(store_path):
+        store = CodeStore.open(store_path)
+        recorded = meta.get("store_fingerprint")
+        if recorded and recorded != store.fingerprint and not force:
+            store.close()
+            raise StoreError(
+                f"code store {store_path} has changed since index {index_name} was built (fingerprint "
+                "differs), so its paths and labels may not match the index: rebuild the index, or pass force"
+            )
+        db = _Store(store)
+    elif ids:
+        raise StoreError(f"index {index_name} has no code store to look ids up in (recorded: {store_path or 'none'})")
+    else:
+        log.warning("code store of index %s not found (%s): results have ids and distances only",
+                    index_name, store_path or "none recorded")
+
+    try:
+        if images:
+            q_codes = _encode_images(images, model, idx, index_encoder, force, batch_size, device)
+            q_meta = [{"query": os.fspath(p), "query_id": None, "query_path": os.path.abspath(p),
+                       "query_label": None} for p in images]
+        elif codes is not None:
+            with CodeStore.open(codes) as q_store:
+                enc = q_store.encoder_fingerprint
+                if enc and index_encoder and enc != index_encoder and not force:
+                    raise ModelFileError(
+                        f"code store {codes} was encoded with another model than index {index_name} "
+                        "(encoder fingerprints differ); pass force to search anyway"
+                    )
+                batch = q_store.read()
+                q_codes = batch.codes
+                q_paths = batch.paths or [None] * len(q_codes)
+                labels = batch.labels
+                q_meta = [{"query": f"id:{int(i)}", "query_id": int(i),
+                           "query_path": p, "query_label": None if labels is None else _label_value(labels[j])}
+                          for j, (i, p) in enumerate(zip(batch.ids, q_paths))]
+                q_names = q_store.class_names
+        else:
+            rows = db.lookup.rows(np.asarray(ids, np.int64))
+            missing = [i for i, r in zip(ids, rows) if r < 0]
+            if missing:
+                raise ConfigError(f"id {missing[0]} is not in code store {store_path}")
+            q_codes = np.stack([store.read(int(r), int(r) + 1, paths=False).codes[0] for r in rows])
+            paths = db.paths(rows)
+            q_meta = [{"query": f"id:{i}", "query_id": int(i), "query_path": p, "query_label": db.label(int(r))}
+                      for i, r, p in zip(ids, rows, paths)]
+        if codes is None:
+            q_names = db.class_names if db is not None else None
+        for m in q_meta:
+            m["query_label_name"] = _label_name(m["query_label"], q_names)
+
+        dist, found = idx.search(q_codes, int(k))
+        results = _assemble(q_meta, dist, found, db, radius)
+    finally:
+        if store is not None:
+            store.close()
+    if grid is not None:
+        write_grid(results, grid)
+    return results
+
+
+def _encode_images(images, model, idx, index_encoder, force, batch_size, device) -> np.ndarray:
+    from .encoder import Encoder
+
+    fingerprint = file_fingerprint(model) if os.path.isfile(model) else None
+    if fingerprint is None:
+        raise ModelFileError(f"model file not found: {model}")
+    if not force:
+        if not index_encoder:
+            raise ModelFileError(
+                f"index {idx.path} records no encoder fingerprint, so model {model} cannot be checked "
+                "against it; pass force to encode with it anyway"
+            )
+        if fingerprint != index_encoder:
+            raise ModelFileError(
+                f"model {model} (sha256 {fingerprint[:12]}...) is not the model index {idx.path} was built "
+                f"with (sha256 {index_encoder[:12]}...): its codes would not be comparable; use that model, "
+                "or pass force"
+            )
+    encoder = Encoder.load(model, device=device or "cpu")
+    if encoder.config.bits != idx.bits:
+        raise ModelFileError(f"model {model} makes {encoder.config.bits}-bit codes but the index holds {idx.bits}-bit codes")
+    return encoder.encode([os.fspath(p) for p in images], batch_size=batch_size)
+
+
+def _assemble(q_meta, dist, found, db, radius) -> list[dict]:
+    results = []
+    for qi, m in enumerate(q_meta):
+        d, i = dist[qi], found[qi]
+        keep = i >= 0
+        if radius is not None:
+            keep &= d <= radius
+        d, i = d[keep].astype(np.int64), i[keep]
+        rows = db.lookup.rows(i) if db is not None else np.full(len(i), -1)
+        # ties by database position (the store row), whatever order the index returned them in
+        tie = np.where(rows >= 0, rows, i)
+        order = np.lexsort((tie, d))
+        d, i, rows = d[order], i[order], rows[order]
+        paths = db.paths(rows) if db is not None else [None] * len(i)
+        neighbours = []
+        for rank, (dd, ii, rr, pp) in enumerate(zip(d, i, rows, paths), start=1):
+            label = db.label(int(rr)) if db is not None else None
+            neighbours.append({
+                "rank": rank, "id": int(ii), "distance": int(dd), "path": pp, "label": label,
+                "label_name": db.label_name(label) if db is not None else None,
+                "relevant": _relevant(m["query_label"], label),
+            })
+        results.append(dict(m, neighbors=neighbours))
+    return results
+
+
+# ---------------------------------------------------------------------------------------- output
+
+
+def _text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "|".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+CSV_FIELDS = ("query", "query_id", "query_label", "rank", "id", "distance", "label", "relevant", "path")
+
+
+def csv_rows(results: list[dict]):
+    """One row per (query, neighbour), fields CSV_FIELDS (labels as names when known)."""
+    for r in results:
+        q_label = r["query_label_name"] if r["query_label_name"] is not None else r["query_label"]
+        for n in r["neighbors"]:
+            label = n["label_name"] if n["label_name"] is not None else n["label"]
+            yield {"query": r["query"], "query_id": _text(r["query_id"]), "query_label": _text(q_label),
+                   "rank": n["rank"], "id": n["id"], "distance": n["distance"], "label": _text(label),
+                   "relevant": _text(n["relevant"]), "path": _text(n["path"])}
+
+
+def format_table(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        q_label = r["query_label_name"] if r["query_label_name"] is not None else r["query_label"]
+        head = f"query {r['query']}"
+        if r["query_path"] and r["query_path"] != r["query"]:
+            head += f"  {r['query_path']}"
+        if q_label is not None:
+            head += f"  [{_text(q_label)}]"
+        lines.append(head)
+        if not r["neighbors"]:
+            lines.append("  (no neighbours)")
+        else:
+            show_rel = any(n["relevant"] is not None for n in r["neighbors"])
+            header = f"  {'rank':>4}  {'dist':>4}  {'id':>10}  {'label':<12}" + ("  rel" if show_rel else "") + "  path"
+            lines.append(header)
+            for n in r["neighbors"]:
+                label = n["label_name"] if n["label_name"] is not None else n["label"]
+                rel = f"  {_text(n['relevant']):<3}" if show_rel else ""
+                lines.append(f"  {n['rank']:>4}  {n['distance']:>4}  {n['id']:>10}  {_text(label):<12}{rel}  {_text(n['path'])}")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
+def json_lines(results: list[dict]) -> str:
+    return "\n".join(json.dumps(r, ensure_ascii=False) for r in results)
+
+
+def write_grid(results: list[dict], path) -> str:
+    """PNG: a row per query (its image, then its neighbours), frames green/red by relevance."""
+    from PIL import Image, ImageDraw
+
+    from .errors import ImageError
+    from .images import load_image
+
+    rows = results[:GRID_MAX_QUERIES]
+    if len(results) > GRID_MAX_QUERIES:
+        log.warning("grid shows the first %d of %d queries", GRID_MAX_QUERIES, len(results))
+    cols = 1 + min(GRID_MAX_NEIGHBOURS, max((len(r["neighbors"]) for r in rows), default=0))
+    cell, pad, text_h = GRID_CELL, 6, 14
+    width = cols * (cell + pad) + pad + pad  # extra gap after the query column
+    height = max(1, len(rows)) * (cell + text_h + pad) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+
+    def tile(image_path, x, y, colour, caption):
+        try:
+            img = load_image(image_path) if image_path else None
+        except ImageError:
+            img = None
+        if img is None:
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(220, 220, 220))
+            draw.text((x + 8, y + cell // 2 - 6), "no image", fill=(90, 90, 90))
+        else:
+            img.thumbnail((cell - 8, cell - 8))
+            canvas.paste(img, (x + (cell - img.width) // 2, y + (cell - img.height) // 2))
+        draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline=colour, width=4)
+        draw.text((x + 2, y + cell + 1), caption[:18], fill=(0, 0, 0))
+
+    for ri, r in enumerate(rows):
+        y = pad + ri * (cell + text_h + pad)
+        q_label = r["query_label_name"] if r["query_label_name"] is not None else r["query_label"]
+        tile(r["query_path"], pad, y, (40, 40, 200), f"query {_text(q_label)}".strip())
+        for ci, n in enumerate(r["neighbors"][: cols - 1]):
+            x = pad * 2 + (ci + 1) * (cell + pad)
+            colour = {True: (0, 170, 0), False: (210, 0, 0), None: (150, 150, 150)}[n["relevant"]]
+            label = n["label_name"] if n["label_name"] is not None else n["label"]
+            tile(n["path"], x, y, colour, f"d={n['distance']} {_text(label)}")
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return os.path.abspath(path)
