@@ -288,10 +288,10 @@ def plot_curves(summary: dict, prefix) -> dict:
         if r < len(pr["recall"]):
             ax.annotate(f"r<={r}", (pr["recall"][r], pr["precision"][r]), textcoords="offset points",
                         xytext=(6, 6), fontsize=8)
-        ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
-               title=f"Precision-recall over Hamming radius 0..{summary['bits']}")
+        ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02))
+        ax.set_title(f"Precision-recall over Hamming radius 0..{summary['bits']}\n{title}", fontsize=9)
         ax.grid(alpha=0.3)
-        fig.suptitle(title, fontsize=8, y=0.02, va="bottom")
+        fig.tight_layout()
         written["pr"] = _save_png(fig, f"{prefix}-pr.png")
     pn = summary.get("pn_curve")
     if pn and pn["n"]:
@@ -299,10 +299,10 @@ def plot_curves(summary: dict, prefix) -> dict:
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         ax.plot(pn["n"], pn["precision"], marker="o", markersize=3)
-        ax.set(xlabel="N (top retrieved)", ylabel="precision@N", ylim=(0, 1.02),
-               title="Precision@N (ties by database position)")
+        ax.set(xlabel="N (top retrieved)", ylabel="precision@N", ylim=(0, 1.02))
+        ax.set_title(f"Precision@N (ties by database position)\n{title}", fontsize=9)
         ax.grid(alpha=0.3)
-        fig.suptitle(title, fontsize=8, y=0.02, va="bottom")
+        fig.tight_layout()
         written["pn"] = _save_png(fig, f"{prefix}-pn.png")
     return written
 

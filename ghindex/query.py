@@ -330,7 +330,10 @@ def write_grid(results: list[dict], path) -> str:
             draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(220, 220, 220))
             draw.text((x + 8, y + cell // 2 - 6), "no image", fill=(90, 90, 90))
         else:
-            img.thumbnail((cell - 8, cell - 8))
+            # fit the cell both ways: CIFAR-size images are upscaled, photos shrunk
+            scale = (cell - 8) / max(img.width, img.height)
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                             Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
             canvas.paste(img, (x + (cell - img.width) // 2, y + (cell - img.height) // 2))
         draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline=colour, width=4)
         draw.text((x + 2, y + cell + 1), caption[:18], fill=(0, 0, 0))
