@@ -12,6 +12,7 @@ from ghindex.errors import GhindexError
 # name -> "module:attribute" inside this package. Imported on use, so `ghindex info` does not pay
 # for importing torch-heavy training code.
 COMMANDS: dict[str, str] = {
+    "train": "train:train",
     "build": "build:build",
     "query": "query:query",
     "eval": "eval:eval_",

@@ -14,6 +14,7 @@ from .errors import (
     WeightsError,
 )
 from .hashing import greedy_sign, pack_bits, pack_signs, quantization_penalty, unpack_bits, unpack_signs
+from .train import train
 
 try:
     __version__ = _version("ghindex")
