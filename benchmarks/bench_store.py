@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--batch", type=int, default=1_000_000, help="rows per append")
     ap.add_argument("--bits", type=int, default=64)
+    ap.add_argument("--chunk-rows", type=int, default=None, help="HDF5 chunk rows [default: the store's]")
     ap.add_argument("--dir", default=tempfile.gettempdir())
     args = ap.parse_args()
 
@@ -61,7 +62,7 @@ def main() -> None:
     path = os.path.join(args.dir, f"bench_store_{os.getpid()}.h5")
     try:
         t = time.perf_counter()
-        with CodeStore.create(path, args.bits, source="bench_store") as s:
+        with CodeStore.create(path, args.bits, source="bench_store", chunk_rows=args.chunk_rows) as s:
             for start in range(0, args.rows, args.batch):
                 k = min(args.batch, args.rows - start)
                 s.append(codes[:k], base_ids[:k] + start)
@@ -71,6 +72,8 @@ def main() -> None:
         os.close(fd)
         write_s = time.perf_counter() - t
         size = os.path.getsize(path)
+        with CodeStore.open(path) as s:
+            chunk_rows = s.chunk_rows
 
         cold = evict(path)
         cold_s, rows, _ = read_all(path)
@@ -82,7 +85,7 @@ def main() -> None:
 
     mb = payload / 1e6
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, python {platform.python_version()}")
-    print(f"rows: {args.rows:,} x {args.bits}-bit codes + int64 ids = {mb:.0f} MB payload; appends of {args.batch:,} rows")
+    print(f"rows: {args.rows:,} x {args.bits}-bit codes + int64 ids = {mb:.0f} MB payload; appends of {args.batch:,} rows, chunks of {chunk_rows:,} rows")
     print(f"file size: {size / 1e6:.1f} MB ({size / payload:.3f} x payload)")
     print(f"write (append+flush+close+fsync): {write_s:.2f} s = {mb / write_s:.0f} MB/s = {args.rows / write_s / 1e6:.1f} M rows/s")
     label = "cold (evicted from page cache)" if cold else "first"

@@ -12,6 +12,8 @@ from ghindex.errors import GhindexError
 # name -> "module:attribute" inside this package. Imported on use, so `ghindex info` does not pay
 # for importing torch-heavy training code.
 COMMANDS: dict[str, str] = {
+    "encode": "encode:encode",
+    "info": "info:info",
     "train": "train:train",
     "build": "build:build",
     "query": "query:query",

@@ -36,9 +36,10 @@ from .hashing import check_bits
 FORMAT_VERSION = 1
 BIT_ORDER = "little"
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-# Bytes of one chunk of the codes dataset (rows = this / code_bytes): big enough for fast sequential
-# I/O, small enough that a few chunks per dataset fit the chunk cache below.
-CHUNK_BYTES = 256 * 1024
+# Bytes of one chunk of the widest per-row dataset (codes, or the int64 ids for codes under 64 bits):
+# big enough for fast sequential I/O, small enough that tiny stores stay small and a few chunks per
+# dataset fit the chunk cache below.
+CHUNK_BYTES = 128 * 1024
 CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 # Rows per batch of `iter_chunks` by default: about this many bytes of codes + ids + labels.
 ITER_BYTES = 32 * 1024 * 1024
@@ -72,7 +73,7 @@ def is_hdf5(path: str | os.PathLike) -> bool:
 
 
 def default_chunk_rows(code_bytes: int) -> int:
-    return max(1024, CHUNK_BYTES // code_bytes)
+    return max(1024, CHUNK_BYTES // max(code_bytes, 8))
 
 
 def _attr_value(value: Any):
@@ -168,12 +169,12 @@ class CodeStore:
                                  chunks=(max(1, min(chunk_rows, CHUNK_BYTES // c)), c))
             if with_paths:
                 f.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"),
-                                 chunks=(min(chunk_rows, 16384),))
+                                 chunks=(min(chunk_rows, 4096),))
             skipped = f.create_group("skipped")
-            skipped.create_dataset("position", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
+            skipped.create_dataset("position", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(256,))
             for key in ("path", "reason"):
                 skipped.create_dataset(key, shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"),
-                                       chunks=(1024,))
+                                       chunks=(256,))
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["bits"] = bits
             f.attrs["bit_order"] = BIT_ORDER

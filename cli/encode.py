@@ -1,0 +1,82 @@
+"""`ghindex encode`: a thin wrapper over `ghindex.encode.encode`."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("encode")
+@click.option("--model", "-m", required=True, type=click.Path(dir_okay=False),
+              help="Model file (.ghm) from `ghindex train`.")
+@click.argument("data", type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Code store to write (HDF5, e.g. codes.h5).")
+@click.option("--protocol", default=None, help="Encode one split of a protocol (cifar10-I, cifar10-II) over DATA.")
+@click.option("--split", type=click.Choice(["train", "query", "database"]), default=None,
+              help="Split of --protocol to encode.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the protocol's split.")
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="Folder that list-file paths are relative to. [default: the list file's folder]")
+@click.option("--ids-from", type=click.IntRange(min=1), default=None, metavar="COLUMN",
+              help="Take ids from this column of a list file (1 = first column after the path). "
+                   "[default: position in DATA]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="DataLoader processes decoding images while the model runs (0: decode in the main process). "
+                   "[default: min(4, CPUs)]")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: exact fp32 on CPU, mixed precision (bf16, else fp16) on CUDA. bf16 is faster on CPUs "
+                   "with bf16 units but flips bits whose value is near 0.")
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from its last checkpoint (starts one if there is none).")
+@click.option("--append", is_flag=True, help="Add to an existing store (same bits and model).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store and discard an interrupted run.")
+@click.option("--paths/--no-paths", "with_paths", default=True, show_default=True,
+              help="Store each code's image path.")
+@click.option("--checkpoint-seconds", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Checkpoint (journal + store flush) at least this often; --resume restarts from the last one.")
+@click.option("--checkpoint-rows", type=click.IntRange(min=1), default=65536, show_default=True,
+              help="Checkpoint at least every this many rows.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="Output format of the summary on stdout.")
+def encode(model, data, out, protocol, split, seed, root, ids_from, batch_size, workers, device, precision, strict,
+           resume, append, overwrite, with_paths, checkpoint_seconds, checkpoint_rows, progress, fmt):
+    """Encode DATA (image folder, list file, array file, or a protocol split) into a code store.
+
+    The store is written as OUT.partial with a journal (OUT.partial.journal) and renamed to OUT
+    when complete; after a crash or kill, rerun with --resume. Unreadable images are skipped and
+    recorded in the store (see `ghindex info`). Prints a summary to stdout.
+    """
+    from ghindex.encode import encode as encode_fn
+
+    summary = encode_fn(
+        model, data, out, protocol=protocol, split=split, seed=seed, root=root, batch_size=batch_size,
+        workers=workers, device=device, precision=precision, ids_from=ids_from, strict=strict, resume=resume,
+        append=append, overwrite=overwrite, with_paths=with_paths, checkpoint_seconds=checkpoint_seconds,
+        checkpoint_rows=checkpoint_rows, progress=progress,
+    )
+    if fmt == "json":
+        click.echo(json.dumps(summary, sort_keys=True))
+        return
+    rows = [
+        ("out", summary["out"]),
+        ("status", summary["status"]),
+        ("count", f"{summary['count']:,} of {summary['inputs']:,} inputs"),
+        ("skipped", f"{summary['skipped']:,}"),
+        ("store_rows", f"{summary['store_rows']:,} x {summary['bits']}-bit codes"),
+        ("resumed_from", f"{summary['resumed_from']:,}"),
+        ("seconds", f"{summary['seconds']:.1f}"),
+        ("rate", f"{summary['rate']:,.1f} inputs/s"),
+        ("device", f"{summary['device']} ({summary['precision']})"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name:<{width}}  {value}")
+    for item in summary["skipped_items"]:
+        click.echo(f"skipped  {item['path']}: {item['reason']}")
+    if summary["skipped"] > len(summary["skipped_items"]):
+        click.echo(f"skipped  ... {summary['skipped'] - len(summary['skipped_items']):,} more (all are in the store)")

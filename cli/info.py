@@ -1,0 +1,50 @@
+"""`ghindex info`: a thin wrapper over `ghindex.info.info`."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def _text(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_text(v) for v in value) if value else "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_text(v)}" for k, v in sorted(value.items())) if value else "-"
+    return str(value)
+
+
+@click.command("info")
+@click.argument("path", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="text for people, json for programs.")
+def info(path, fmt):
+    """Describe PATH: a code store (.h5), a model file (.ghm) or an index directory.
+
+    Code stores: rows, bits, labels, paths, skipped inputs, provenance, and whether the store is
+    complete (an interrupted `ghindex encode` leaves an incomplete OUT.partial).
+    """
+    from ghindex.info import info as info_fn
+
+    result = info_fn(path)
+    if fmt == "json":
+        click.echo(json.dumps(result, sort_keys=True, default=str))
+        return
+    skipped = result.pop("skipped_examples", None) or []
+    history = result.pop("history", None) or []
+    attrs = result.pop("attrs", None) or {}
+    rows = [(k, _text(v)) for k, v in result.items()]
+    rows += [(f"attr.{k}", _text(v)) for k, v in sorted(attrs.items())]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+    for entry in history:
+        click.echo(f"{'run':<{width}}  {_text(entry)}")
+    for item in skipped:
+        click.echo(f"{'skipped':<{width}}  {item['path']}: {item['reason']}")
