@@ -17,7 +17,7 @@ import click
                    "BHash<b>, BHash<nhash>x<b>.")
 @click.option("--index-param", multiple=True, metavar="NAME=VALUE",
               help="Index parameter, repeatable: nprobe, train_size, kmeans_iters (IVF); efSearch, "
-                   "efConstruction (HNSW); nflip (hash). [default: nprobe = nlist/64]")
+                   "efConstruction (HNSW); nflip (hash). [default: nprobe = nlist/32]")
 @click.option("--gpu", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Run IVF k-means on GPU when FAISS has one; 'on' fails without one.")
 @click.option("--max-memory", default=None, metavar="SIZE",

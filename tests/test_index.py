@@ -69,6 +69,7 @@ def test_flat_equals_numpy_brute_force(rng, bits):
     db_ids = rng.permutation(10_000)[:600] * 7 + 3
     index = build_from_arrays(database, db_ids, index_key="BFlat")
     assert index.padded_bytes == padded_width(bits // 8) and index.code_bytes == bits // 8
+    assert faiss.downcast_IndexBinary(index.faiss_index.index).query_batch_size == 1024
     distances, ids = index.search(queries, 15)
     assert distances.dtype == np.int32 and ids.dtype == np.int64 and distances.shape == (40, 15)
     assert_knn_exact(queries, database, db_ids, distances, ids)
@@ -93,7 +94,7 @@ def test_ivf_with_nprobe_nlist_equals_flat(rng):
     database, queries = np.split(clustered_codes(rng, 4050, 64), [4000])
     flat_d, _ = build_from_arrays(database, index_key="BFlat").search(queries, 10)
     ivf = build_from_arrays(database, index_key="BIVF32")
-    assert ivf.nprobe == 1  # default nlist // 64, at least 1
+    assert ivf.nprobe == 1  # default nlist // 32, at least 1
     ivf.nprobe = 32
     ivf_d, ivf_i = ivf.search(queries, 10)
     np.testing.assert_array_equal(ivf_d, flat_d)
@@ -182,7 +183,7 @@ def test_index_keys_and_auto_choices():
     assert parse_index_key("BIVF1024_HNSW16", 64).key == "BIVF1024_HNSW16"
     assert parse_index_key("BHash2x16", 64).kind == "multihash"
     assert auto_index_key(5000) == "BFlat" and auto_index_key(10_000_000).startswith("BIVF")
-    assert resolve_index_key("BIVF", 100_000, 64).nlist == auto_nlist(100_000) == 512
+    assert resolve_index_key("BIVF", 100_000, 64).nlist == auto_nlist(100_000) == 256
     assert auto_nlist(1000) * 39 <= 1000  # adjusted so every list gets 39 training points
     with pytest.raises(ConfigError, match="needs at least 159,744 codes to train"):
         resolve_index_key("BIVF4096", 10_000, 64)
@@ -227,6 +228,7 @@ def test_ids_survive_build_save_load(tmp_path, rng, key):
     np.testing.assert_array_equal(found[:, 0], ids[:20])  # exact duplicates of the queries
     assert (distances[:, 0] == 0).all()
     if key == "BFlat":
+        assert faiss.downcast_IndexBinary(index.faiss_index.index).query_batch_size == 1024  # not saved by FAISS
         loaded_d, loaded_i = index.search(codes[:50], 10)
         assert_knn_exact(codes[:50], codes, ids, loaded_d, loaded_i)
 
@@ -362,6 +364,26 @@ def test_gpu_wrapping_logic_with_a_stand_in_device(monkeypatch, rng, shard):
     assert not ivf.to_gpu("auto")
     with pytest.raises(ConfigError, match="only flat indexes run on GPU"):
         ivf.to_gpu("on")
+
+
+def test_ivf_training_uses_the_gpu_clustering_index_when_there_is_one(monkeypatch, rng):
+    import ghindex.index as gi
+
+    used = []
+
+    def fake_clustering_index(dim):  # a CPU float index stands in for the GPU one k-means assigns with
+        index = faiss.IndexFlatL2(dim)
+        used.append(dim)
+        return index, []
+
+    monkeypatch.setattr(gi, "gpu_count", lambda: 1)
+    monkeypatch.setattr(gi, "_gpu_clustering_index", fake_clustering_index)
+    codes = clustered_codes(rng, 2000, 48)
+    index = build_from_arrays(codes, index_key="BIVF16", gpu="on", index_param=["nprobe=16"])
+    assert used == [64]  # built once, for the padded width
+    assert index.faiss_index.clustering_index is None  # not left dangling after training
+    flat_d, _ = build_from_arrays(codes).search(codes[:20], 5)
+    np.testing.assert_array_equal(index.search(codes[:20], 5)[0], flat_d)
 
 
 @pytest.mark.skipif(NO_GPU, reason="needs faiss-gpu and a CUDA device")
