@@ -26,14 +26,16 @@ Numpy in, numpy/dicts out; no index needed. Definitions follow the published has
   as precision 0); recall = relevant retrieved / all relevant. The **PR curve** is this pair for
   r = 0..bits; the **P@N curve** is precision@N for a grid of N.
 
-Scale: the work is a compiled (numba) kernel that, for each query, computes distances and
-relevance in one pass over the database and counts items per distance bucket; a second pass in
-database order turns the bucket offsets into exact ranks (position = items at smaller distances +
-items at the same distance earlier in the database), so nothing is sorted. Memory is O(queries x
-(bits + cutoffs)) for the results plus O(threads x database) bytes of scratch: no queries x database
-matrix is ever allocated. numpy alone measured ~4x faster than the reference here (sorting or
-cumulative sums over a Q x N block need many passes); the fused kernel is what reaches the >= 30x bar
-(see benchmarks/bench_metrics.py).
+Scale: a compiled (numba) kernel makes one pass over the database per query, computing distance
+and relevance and counting items per (distance, relevance) bucket. When an item arrives, the
+counts of its own distance are the items that precede it in its tie group, so each relevant item
+records (distance, relevant before it, others before it); once the pass is done, the bucket offsets
+turn those records into exact ranks (rank = items at smaller distances + items at the same distance
+earlier in the database + 1). Nothing is sorted. Memory is O(queries x (bits + cutoffs)) for the
+results plus about 10 bytes x database size of scratch per thread: no queries x database matrix is
+ever allocated. numpy alone measured ~4x faster than the reference here (sorting or cumulative sums
+over a Q x N block take many passes); the fused kernel is what reaches the >= 30x bar (see
+benchmarks/bench_metrics.py). The first call compiles the kernel (~5 s of CPU), cached on disk after.
 """
 from __future__ import annotations
 
