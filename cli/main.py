@@ -14,10 +14,11 @@ from ghindex.errors import GhindexError
 COMMANDS: dict[str, str] = {
     "encode": "encode:encode",
     "info": "info:info",
-    "train": "train:train",
     "build": "build:build",
+    "train": "train:train",
     "query": "query:query",
     "eval": "eval:eval_",
+    "demo": "demo:demo",
 }
 
 
