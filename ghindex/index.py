@@ -498,8 +498,8 @@ class _IndexBuilder:
         self.seed = int(seed)
         self.chunk_rows = int(chunk_rows)
         self.memory = estimate_memory(self.spec, self.n, self.bits, self.params, self.chunk_rows)
-        # Only IVF k-means has GPU work to do at build time; 'on' still insists that a GPU exists.
-        self.use_gpu = _resolve_gpu(gpu, "IVF training") if self.spec.kind == "ivf" or gpu == "on" else False
+        # Only IVF k-means has GPU work to do at build time (a flat index goes to the GPU when loaded).
+        self.use_gpu = _resolve_gpu(gpu, "building") and self.spec.kind == "ivf"
         limit = parse_size(max_memory)
         log.info(
             "%s over %s codes of %d bits (searched at %d bytes): needs about %s (peak %s while building)",

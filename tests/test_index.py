@@ -318,7 +318,10 @@ def test_without_gpu_auto_uses_cpu_and_on_fails_cleanly(tmp_path, rng, caplog):
     with pytest.raises(ConfigError, match="sees no GPU"):
         build(store, tmp_path / "index", gpu="on")
     assert not (tmp_path / "index").exists()
-    build(store, tmp_path / "index", gpu="auto")
+    with caplog.at_level(logging.INFO, logger="ghindex.index"):
+        build(store, tmp_path / "index", gpu="auto")
+    assert "no GPU visible to FAISS: building on CPU" in caplog.text
+    caplog.clear()
     with pytest.raises(ConfigError, match="sees no GPU"):
         Index.load(tmp_path / "index", gpu="on")
     with caplog.at_level(logging.INFO, logger="ghindex.index"):
@@ -392,10 +395,20 @@ def test_real_gpu_flat_equals_cpu(tmp_path, rng):
     build(make_store(tmp_path / "codes.h5", codes), tmp_path / "index")
     cpu = Index.load(tmp_path / "index", gpu="off")
     gpu = Index.load(tmp_path / "index", gpu="on")
-    assert gpu.on_gpu
-    np.testing.assert_array_equal(gpu.search(codes[:200], 20)[0], cpu.search(codes[:200], 20)[0])
+    mapped = Index.load(tmp_path / "index", mmap=True, gpu="auto")
+    assert gpu.on_gpu and mapped.on_gpu and not cpu.on_gpu
+    cpu_d, _ = cpu.search(codes[:200], 20)
+    for index in (gpu, mapped):
+        gpu_d, gpu_i = index.search(codes[:200], 20)
+        np.testing.assert_array_equal(gpu_d, cpu_d)
+        assert_knn_exact(codes[:200], codes, np.arange(5000), gpu_d, gpu_i)
     with pytest.raises(SearchError, match="2048"):
         gpu.search(codes[:2], 2049)
+    lims, distances, ids = gpu.range_search(codes[:5], 6)  # answered by the CPU form
+    assert np.array_equal(lims, cpu.range_search(codes[:5], 6)[0])
+    gpu.add(codes[:3], [10**9, 10**9 + 1, 10**9 + 2])  # the GPU copy is refreshed
+    distances, ids = gpu.search(codes[:1], 2)
+    assert distances[0].tolist() == [0, 0] and 10**9 in ids[0]
 
 
 # ---------------------------------------------------------------------------------------- CLI
