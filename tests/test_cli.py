@@ -19,7 +19,7 @@ def test_version(runner):
 def test_every_command_has_help(runner):
     ctx = click.Context(cli)
     for name in cli.list_commands(ctx):
-        result = runner.invoke(cli, [name, "--help"])
+        result = runner.invoke(cli, [name, "--help"], prog_name="ghindex")
         assert result.exit_code == 0, (name, result.output)
         assert "Usage: ghindex " + name in result.output
 
