@@ -24,7 +24,7 @@ import click
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="DataLoader processes decoding images while the model runs (0: decode in the main process). "
-                   "[default: min(4, CPUs)]")
+                   "[default: min(8, CPUs)]")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: exact fp32 on CPU, mixed precision (bf16, else fp16) on CUDA. bf16 is faster on CPUs "
@@ -70,7 +70,8 @@ def encode(model, data, out, protocol, split, seed, root, ids_from, batch_size, 
         ("store_rows", f"{summary['store_rows']:,} x {summary['bits']}-bit codes"),
         ("resumed_from", f"{summary['resumed_from']:,}"),
         ("seconds", f"{summary['seconds']:.1f}"),
-        ("rate", f"{summary['rate']:,.1f} inputs/s"),
+        ("rate", f"{summary['rate']:,.1f} inputs/s overall, {summary['loop_rate']:,.1f} inputs/s after "
+                 f"{summary['setup_seconds']:.1f} s of setup"),
         ("device", f"{summary['device']} ({summary['precision']})"),
     ]
     width = max(len(name) for name, _ in rows)

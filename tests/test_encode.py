@@ -1,3 +1,5 @@
+import functools
+import importlib
 import json
 import os
 import signal
@@ -11,13 +13,18 @@ import torch
 from PIL import Image
 
 import ghindex
-from ghindex.encode import Journal, encode
+from ghindex.encode import Journal
+from ghindex.encode import encode as encode_any_device
 from ghindex.errors import ConfigError, DataError, ImageError, StoreError
 from ghindex.info import info
 from ghindex.store import CodeStore
 from ghindex_cli.main import cli
 
 BAD = {"corrupt.jpg", "empty.jpg", "text.jpg"}
+# Exact comparisons with Encoder.encode (CPU, fp32) need the CPU: device="auto" means mixed precision
+# on a CUDA machine. CUDA has its own test below.
+encode = functools.partial(encode_any_device, device="cpu")
+CPU = ["--device", "cpu"]
 
 
 def make_images(folder, per_class=12, classes=("cat", "dog"), seed=0, bad=True):
@@ -188,7 +195,7 @@ class Interrupt(Exception):
 
 def test_resume_survives_torn_journal_and_corrupt_partial(tmp_path, images, model, monkeypatch):
     """A crash leaves a journal whose last record may be torn and a partial HDF5 that may be garbage."""
-    import ghindex.encode as encode_module
+    encode_module = importlib.import_module("ghindex.encode")  # the module, even if ghindex exports encode()
 
     ref = tmp_path / "ref.h5"
     encode(model, images, ref, batch_size=3, workers=0, progress=False)
@@ -222,7 +229,7 @@ def test_resume_survives_torn_journal_and_corrupt_partial(tmp_path, images, mode
 
 
 def test_resume_refuses_a_different_run(tmp_path, images, model, monkeypatch):
-    import ghindex.encode as encode_module
+    encode_module = importlib.import_module("ghindex.encode")  # the module, even if ghindex exports encode()
 
     out = tmp_path / "codes.h5"
     monkeypatch.setattr(encode_module, "pack_signs", lambda h: (_ for _ in ()).throw(Interrupt()))
@@ -238,7 +245,7 @@ def test_resume_refuses_a_different_run(tmp_path, images, model, monkeypatch):
 
 def _cli_encode_cmd(model, data, out, *extra):
     return [sys.executable, "-m", "ghindex_cli", "-q", "encode", "--model", str(model), str(data), "--out", str(out),
-            "--batch-size", "4", "--workers", "1", "--checkpoint-rows", "4", "--no-progress", *extra]
+            "--batch-size", "4", "--workers", "1", "--checkpoint-rows", "4", "--no-progress", *CPU, *extra]
 
 
 def _kill_after_checkpoints(cmd, journal, records, timeout=120):
@@ -284,6 +291,43 @@ def test_repeated_sigkills_during_resumed_runs(tmp_path, model):
     _sigkill_resume(tmp_path, model, kills=[1, 2, 4, 3])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_encode_agrees_with_cpu_and_resumes_exactly(tmp_path, images, model, monkeypatch):
+    encode_module = importlib.import_module("ghindex.encode")  # the module, even if ghindex exports encode()
+
+    cpu_codes = store_contents(encode(model, images, tmp_path / "cpu.h5", workers=0, progress=False)["out"])
+    for precision, agreement in (("fp32", 0.99), ("auto", 0.9)):
+        out = tmp_path / f"cuda-{precision}.h5"
+        summary = encode_any_device(model, images, out, device="cuda", precision=precision, batch_size=4,
+                                    workers=2, progress=False)
+        assert summary["device"].startswith("cuda") and summary["count"] == 24
+        assert summary["precision"] == ("fp32" if precision == "fp32" else "bf16")
+        got = store_contents(out)
+        bits_equal = 1 - np.unpackbits(got[0] ^ cpu_codes[0]).mean()
+        assert bits_equal >= agreement, (precision, bits_equal)
+        np.testing.assert_array_equal(got[1], cpu_codes[1])
+        assert got[3] == cpu_codes[3] and got[4] == cpu_codes[4]
+    # resume on the GPU reproduces the uninterrupted GPU run bit for bit
+    real_pack, calls = encode_module.pack_signs, [0]
+
+    def failing_pack(h):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise Interrupt()
+        return real_pack(h)
+
+    out = tmp_path / "resumed.h5"
+    monkeypatch.setattr(encode_module, "pack_signs", failing_pack)
+    with pytest.raises(Interrupt):
+        encode_any_device(model, images, out, device="cuda", batch_size=4, workers=2, progress=False,
+                          checkpoint_rows=1)
+    monkeypatch.setattr(encode_module, "pack_signs", real_pack)
+    summary = encode_any_device(model, images, out, device="cuda", batch_size=4, workers=2, progress=False,
+                                resume=True)
+    assert summary["resumed_from"] > 0
+    assert_same_store(out, tmp_path / "cuda-auto.h5")
+
+
 def test_precision_and_device_options(tmp_path, images, model):
     with pytest.raises(ConfigError, match="precision"):
         encode(model, images, tmp_path / "x.h5", precision="fp64", progress=False)
@@ -299,7 +343,7 @@ def test_precision_and_device_options(tmp_path, images, model):
 def test_cli_encode_and_info(tmp_path, runner, images, model):
     out = tmp_path / "codes.h5"
     result = runner.invoke(cli, ["encode", "--model", str(model), str(images), "--out", str(out), "--workers", "0",
-                                 "--batch-size", "8", "--no-progress", "--format", "json"])
+                                 "--batch-size", "8", "--no-progress", "--format", "json", *CPU])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["count"] == 24 and summary["skipped"] == 3
