@@ -77,7 +77,14 @@ def default_chunk_rows(code_bytes: int) -> int:
 
 
 def _attr_value(value: Any):
-    if isinstance(value, (str, bool, int, float, np.integer, np.floating, np.bool_)):
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # A file name with undecodable bytes (surrogate escapes): store its bytes; reads decode them back.
+            return value.encode("utf-8", "surrogateescape")
+        return value
+    if isinstance(value, (bool, int, float, np.integer, np.floating, np.bool_)):
         return value
     if value is None:
         return ""
@@ -179,7 +186,7 @@ class CodeStore:
             f.attrs["bits"] = bits
             f.attrs["bit_order"] = BIT_ORDER
             f.attrs["encoder_fingerprint"] = encoder_fingerprint or ""
-            f.attrs["source"] = source or ""
+            f.attrs["source"] = _attr_value(source or "")
             f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             f.attrs["complete"] = False
             for key, value in (attrs or {}).items():
@@ -215,8 +222,11 @@ class CodeStore:
             f = h5py.File(name, "r" if mode == "r" else "r+", rdcc_nbytes=CHUNK_CACHE_BYTES)
         except OSError as exc:
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if "lock" in text.lower():
+            # ("lock" alone would also match "sblock->base_addr" in the message for a truncated file)
+            if "unable to lock" in text.lower():
                 raise StoreError(f"{name} is open for writing by another process ({text})") from None
+            if "truncated file" in text.lower():
+                raise StoreError(f"{name} is truncated (an incomplete copy or download?): {text}") from None
             raise StoreError(f"{name} is not a readable code store (truncated or corrupt HDF5: {text})") from None
         try:
             cls._validate(f, name, allow_incomplete)

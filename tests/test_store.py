@@ -112,12 +112,18 @@ def test_non_utf8_paths_round_trip(tmp_path, rng):
     with CodeStore.create(path, 8, with_paths=True) as s:
         s.append(random_codes(rng, 3, 8), [1, 2, 3], paths=[raw, "/data/ok.jpg", b"/data/b\xff.jpg"])
         s.add_skipped([7], [raw], ["not an image"])
+        s.set_attrs(model=raw)
         s.mark_complete()
     with CodeStore.open(path) as s:
         got = s.paths()
         assert got[0] == raw and os.fsencode(got[0]) == b"/data/caf\xe9.jpg"
         assert got[1] == "/data/ok.jpg" and os.fsencode(got[2]) == b"/data/b\xff.jpg"
         assert s.skipped() == [{"position": 7, "path": raw, "reason": "not an image"}]
+        assert s.attrs["model"] == raw
+    with CodeStore.create(tmp_path / "s.h5", 8, source=f"folder:{raw}") as s:
+        s.mark_complete()
+    with CodeStore.open(tmp_path / "s.h5") as s:
+        assert s.attrs["source"] == f"folder:{raw}"
 
 
 def test_incomplete_store_is_refused(tmp_path, rng):
