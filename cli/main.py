@@ -49,6 +49,15 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
+def _tolerate_undecodable_names() -> None:
+    """File names that are not valid UTF-8 reach Python as surrogate escapes; printing one to a strict
+    UTF-8 stream would crash. stdout writes their original bytes back (the name as the file system has
+    it), stderr a visible escape."""
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=errors)
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="ghindex", prog_name="ghindex")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
@@ -59,5 +68,6 @@ def cli(verbose: int, quiet: bool) -> None:
     Typical flow: train -> encode -> build -> query / eval. Results go to stdout; progress and logs
     go to stderr.
     """
+    _tolerate_undecodable_names()
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s", force=True)
