@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import numpy as np
 
-from .errors import ConfigError, IndexFileError, ModelFileError, StoreError
+from .errors import ConfigError, DataError, IndexFileError, ModelFileError, StoreError
 from .evaluate import StoreLookup
 from .io import atomic_path, file_fingerprint
 
@@ -167,6 +168,8 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
                         f"code store {codes} was encoded with another model than index {index_name} "
                         "(encoder fingerprints differ); pass force to search anyway"
                     )
+                if len(q_store) == 0:
+                    raise DataError(f"code store {codes} holds no codes: nothing to query")
                 batch = q_store.read()
                 q_codes = batch.codes
                 q_paths = batch.paths or [None] * len(q_codes)
@@ -301,7 +304,13 @@ def format_table(results: list[dict]) -> str:
 
 
 def json_lines(results: list[dict]) -> str:
-    return "\n".join(json.dumps(r, ensure_ascii=False) for r in results)
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in results)
+    # Paths with undecodable bytes hold lone surrogates (os.fsdecode): escape them, or the output would
+    # not be valid UTF-8; json.loads gives the same str back, and os.fsencode the original bytes.
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+_LONE_SURROGATE = re.compile("[\udc80-\udcff]")
 
 
 def write_grid(results: list[dict], path) -> str:
