@@ -156,6 +156,12 @@ def evaluate(queries, database=None, index=None, topk="all", radius: int = 2, re
         exhaustive = meta is None or meta.get("index_kind", "flat") == "flat"
         if exhaustive:
             mode = "exact"
+            if index_obj is None and index is not None:
+                # Exact metrics come from the stores, but a damaged index must not pass unnoticed:
+                # open it (memory-mapped, so cheap) to check that it reads.
+                from .index import Index
+
+                Index.load(index, mmap=True, gpu="off")
             stats = metrics.query_stats(q_codes, db_codes, q_labels, db_labels,
                                         topk=None if topk == "all" else topk, progress=progress)
             summary = metrics.summarize(stats, radius=radius)

@@ -722,6 +722,17 @@ def _atomic_dir(final: Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _faiss_reason(exc: Exception) -> str:
+    """The useful part of a FAISS C++ error: without its function signature, source line and assertion."""
+    text = str(exc).strip()
+    text = text.splitlines()[-1] if text else type(exc).__name__
+    text = re.sub(r"^Error in .*? at \S+:\d+: ", "", text)
+    text = re.sub(r"^Error: '.*?' failed: ", "", text)
+    if text.startswith("read error"):
+        text = f"the file ends too early: truncated? {text}"
+    return text[:200]
+
+
 def read_meta(path: str | os.PathLike) -> dict:
     """meta.json of an index directory, checked to be a ghindex index."""
     path = Path(path)
@@ -811,9 +822,7 @@ class Index:
         try:
             faiss_index = faiss.read_index_binary(str(index_file), flags)
         except RuntimeError as exc:
-            raise IndexFileError(
-                f"{index_file} is not a readable FAISS binary index ({str(exc).splitlines()[-1][-160:]})"
-            ) from None
+            raise IndexFileError(f"{index_file} is not a readable FAISS binary index ({_faiss_reason(exc)})") from None
         expected_dim = int(meta["padded_bytes"]) * 8
         if faiss_index.d != expected_dim or faiss_index.ntotal != int(meta["ntotal"]):
             raise IndexFileError(
