@@ -108,7 +108,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any parse failure is the file's fault, never a crash
-        raise WeightsError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") from None
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if text.startswith("Weights only load failed"):
+            # torch's message goes on to suggest weights_only=False, i.e. running the file's code: never.
+            raise WeightsError(
+                f"weights file {path} holds pickled objects other than tensors; refusing to unpickle them, "
+                "which could run code from the file (save a plain state dict, or use .safetensors)"
+            ) from None
+        raise WeightsError(f"cannot read weights file {path}: {text}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -60,6 +60,21 @@ class EncoderConfig:
         return cls(**data)
 
 
+def _sniff(path: str) -> str | None:
+    """'pickle' for a pickle stream (protocol 2+) or a zip archive (torch.save), 'safetensors' for a file
+    that starts like one; None otherwise. Only the first bytes are looked at: nothing is loaded."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return None
+
+
 class HashOutput(NamedTuple):
     features: torch.Tensor  # backbone output (N, feature_dim)
     h: torch.Tensor  # continuous hash-layer output (N, bits)
@@ -200,6 +215,16 @@ class Encoder(nn.Module):
             with safe_open(name, framework="pt") as f:
                 meta = f.metadata() or {}
         except Exception as exc:
+            kind = _sniff(name)
+            if kind == "pickle":
+                raise ModelFileError(
+                    f"{name} is a pickle or zip file (e.g. from torch.save), not a ghindex model (safetensors); "
+                    "refusing to unpickle it, which could run code from the file"
+                ) from None
+            if kind == "safetensors":
+                raise ModelFileError(
+                    f"{name} is a damaged or truncated model file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                ) from None
             raise ModelFileError(
                 f"{name} is not a ghindex model file (not safetensors: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
             ) from None

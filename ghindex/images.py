@@ -28,6 +28,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _size(path) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except (OSError, TypeError, ValueError):
+        return None
+
+
 def load_image(path: str | os.PathLike | Image.Image) -> Image.Image:
     """Open an image file (or take a PIL image) and return it as 8-bit RGB.
 
@@ -57,7 +64,9 @@ def load_image(path: str | os.PathLike | Image.Image) -> Image.Image:
     except IsADirectoryError:
         raise ImageError(f"{name}: is a directory, not an image") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image file (unrecognised or empty content)") from None
+        if _size(path) == 0:
+            raise ImageError(f"{name}: empty file (0 bytes), not an image") from None
+        raise ImageError(f"{name}: not an image file (content of an unknown format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{name}: refusing a possible decompression bomb ({exc})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
