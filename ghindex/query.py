@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from .errors import ConfigError, DataError, IndexFileError, ModelFileError, StoreError
+from .errors import ConfigError, DataError, IndexFileError, ModelFileError, SearchError, StoreError
 from .evaluate import StoreLookup
 from .io import atomic_path, file_fingerprint
 
@@ -162,6 +162,11 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
                        "query_label": None} for p in images]
         elif codes is not None:
             with CodeStore.open(codes) as q_store:
+                if q_store.bits != idx.bits:  # before the encoder check: the more basic mismatch
+                    raise SearchError(
+                        f"code store {codes} holds {q_store.bits}-bit codes but index {index_name} holds "
+                        f"{idx.bits}-bit codes"
+                    )
                 enc = q_store.encoder_fingerprint
                 if enc and index_encoder and enc != index_encoder and not force:
                     raise ModelFileError(
@@ -205,9 +210,12 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
 def _encode_images(images, model, idx, index_encoder, force, batch_size, device) -> np.ndarray:
     from .encoder import Encoder
 
-    fingerprint = file_fingerprint(model) if os.path.isfile(model) else None
-    if fingerprint is None:
-        raise ModelFileError(f"model file not found: {model}")
+    # The header first: a missing, foreign or unsafe file, or a model of other bits, is named as such
+    # rather than as "not the index's model".
+    config = Encoder.read_config(model)
+    if config.bits != idx.bits:
+        raise ModelFileError(f"model {model} makes {config.bits}-bit codes but the index holds {idx.bits}-bit codes")
+    fingerprint = file_fingerprint(model)
     if not force:
         if not index_encoder:
             raise ModelFileError(
@@ -221,8 +229,6 @@ def _encode_images(images, model, idx, index_encoder, force, batch_size, device)
                 "or pass force"
             )
     encoder = Encoder.load(model, device=device or "cpu")
-    if encoder.config.bits != idx.bits:
-        raise ModelFileError(f"model {model} makes {encoder.config.bits}-bit codes but the index holds {idx.bits}-bit codes")
     return encoder.encode([os.fspath(p) for p in images], batch_size=batch_size)
 
 
