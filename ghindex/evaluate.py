@@ -133,7 +133,10 @@ def evaluate(queries, database=None, index=None, topk="all", radius: int = 2, re
     with _open_store(queries, "query") as q_store, _open_store(database, "database") as db_store:
         q_info, db_info = _store_info(q_store), _store_info(db_store)
         if q_store.bits != db_store.bits:
-            raise ConfigError(f"query codes have {q_store.bits} bits but database codes {db_store.bits}")
+            raise ConfigError(
+                f"query codes in {q_store.path} have {q_store.bits} bits but database codes in {db_store.path} "
+                f"have {db_store.bits} bits"
+            )
         if meta is not None:
             if int(meta["bits"]) != db_store.bits:
                 raise ConfigError(f"index {index_path} holds {meta['bits']}-bit codes, the stores {db_store.bits}-bit")
