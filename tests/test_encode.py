@@ -385,3 +385,18 @@ def test_info_on_incomplete_store(tmp_path, rng):
     s.close()
     data = info(path)
     assert data["complete"] is False and data["rows"] == 3
+
+
+def test_info_on_an_index_directory(tmp_path, runner, rng):
+    pytest.importorskip("faiss")
+    from ghindex.index import build
+
+    store = tmp_path / "c.h5"
+    with CodeStore.create(store, 64) as s:
+        s.append(np.packbits(rng.integers(0, 2, size=(100, 64)), axis=1, bitorder="little"), np.arange(100))
+        s.mark_complete()
+    build(store, tmp_path / "idx")
+    data = info(tmp_path / "idx")
+    assert data["kind"] == "index" and data["ntotal"] == 100 and data["bits"] == 64
+    result = runner.invoke(cli, ["info", str(tmp_path / "idx")])
+    assert result.exit_code == 0 and "ntotal" in result.stdout
