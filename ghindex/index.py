@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 
 from .errors import ConfigError, IndexFileError, SearchError, StoreError  # noqa: E402
 from .hashing import check_bits  # noqa: E402
+from .io import remove_stale_temps  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -720,6 +721,7 @@ def _atomic_dir(final: Path, overwrite: bool) -> Iterator[Path]:
             os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_temps(final, (".tmp", ".old"))  # left by builds that were killed
 
 
 def _faiss_reason(exc: Exception) -> str:
