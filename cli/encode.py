@@ -50,7 +50,12 @@ def encode(model, data, out, protocol, split, seed, root, ids_from, batch_size, 
     The store is written as OUT.partial with a journal (OUT.partial.journal) and renamed to OUT
     when complete; after a crash or kill, rerun with --resume. Unreadable images are skipped and
     recorded in the store (see `ghindex info`). Prints a summary to stdout.
+
+    Launched by torchrun (`torchrun --nproc_per_node=N -m ghindex_cli encode ...`), each process
+    encodes a contiguous range of DATA into OUT.partR-of-N (crash-safe as above), then rank 0 merges
+    the parts in order into OUT and removes them; --resume needs the same N.
     """
+    from ghindex import distributed
     from ghindex.encode import encode as encode_fn
 
     summary = encode_fn(
@@ -59,6 +64,8 @@ def encode(model, data, out, protocol, split, seed, root, ids_from, batch_size, 
         append=append, overwrite=overwrite, with_paths=with_paths, checkpoint_seconds=checkpoint_seconds,
         checkpoint_rows=checkpoint_rows, progress=progress,
     )
+    if not distributed.is_main():
+        return  # under torchrun, rank 0 reports the whole run
     if fmt == "json":
         click.echo(json.dumps(summary, sort_keys=True))
         return
