@@ -27,10 +27,14 @@ import click
               help="Write a PNG: each query image with its neighbours, framed green (relevant) / red.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images encoded per batch.")
+@click.option("--gpu", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Search a flat index on all GPUs FAISS sees (auto: when there are any; on: fail without).")
+@click.option("--gpu-shard", is_flag=True,
+              help="Split a flat index over the GPUs (each holds N/G codes) instead of a full replica on each.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True, help="table for people; json = one JSON object per query per line; "
                                       "csv = one row per neighbour.")
-def query(index, model, images, codes, ids, k, radius, force, grid, batch_size, fmt):
+def query(index, model, images, codes, ids, k, radius, force, grid, batch_size, gpu, gpu_shard, fmt):
     """Find the nearest codes in INDEX for query IMAGES (with --model), --codes or --ids.
 
     Neighbours are ranked by Hamming distance, ties by database position, with their id, distance,
@@ -40,7 +44,7 @@ def query(index, model, images, codes, ids, k, radius, force, grid, batch_size, 
     from ghindex.query import query as query_fn
 
     results = query_fn(index, model=model, images=images, codes=codes, ids=ids or (), k=k, radius=radius,
-                       force=force, grid=grid, batch_size=batch_size)
+                       force=force, grid=grid, batch_size=batch_size, gpu=gpu, gpu_shard=gpu_shard)
     if fmt == "json":
         if results:
             click.echo(json_lines(results))

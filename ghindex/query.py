@@ -100,7 +100,8 @@ def _relevant(a, b) -> bool | None:
 
 
 def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius: int | None = None,
-          force: bool = False, grid=None, batch_size: int = 64, device=None) -> list[dict]:
+          force: bool = False, grid=None, batch_size: int = 64, device=None, gpu: str = "auto",
+          gpu_shard: bool = False) -> list[dict]:
     """Search `index` for each query and return one dict per query.
 
     Queries are exactly one of: `images` (paths, encoded with `model`), `codes` (a code store: all
@@ -108,7 +109,8 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
     `k`: neighbours per query; `radius`: keep only neighbours within this Hamming distance (still at
     most k). `force`: accept a model or query store whose encoder differs from the index's, and a
     code store that changed since the index was built. `grid`: write a PNG with each query image and
-    its neighbours, framed green (relevant) / red (not) when labels are known.
+    its neighbours, framed green (relevant) / red (not) when labels are known. `gpu`, `gpu_shard`: as
+    `Index.load` (a flat index goes on all GPUs FAISS sees: a replica on each, or shards).
 
     Each result: {"query", "query_id", "query_path", "query_label", "query_label_name",
     "neighbors": [{"rank", "id", "distance", "path", "label", "label_name", "relevant"}]}.
@@ -131,7 +133,7 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
     if model is not None and not images:
         raise ConfigError("a model is only used to encode query images; give images too")
 
-    idx = index if isinstance(index, Index) else Index.load(index)
+    idx = index if isinstance(index, Index) else Index.load(index, gpu=gpu, gpu_shard=gpu_shard)
     index_name = str(idx.path) if idx.path is not None else "<in memory>"
     meta = idx.meta
     index_encoder = meta.get("encoder_fingerprint")
