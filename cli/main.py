@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import click
@@ -70,4 +71,6 @@ def cli(verbose: int, quiet: bool) -> None:
     """
     _tolerate_undecodable_names()
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    if int(os.environ.get("RANK", "0")) > 0 and not verbose:  # under torchrun, rank 0 tells the story
+        level = logging.WARNING
     logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s", force=True)

@@ -40,7 +40,7 @@ from ghindex.data import PROTOCOLS
               help="Weight of the quantization penalty mean(|H - sgn(H)|^3) (the paper: 0.1 CIFAR, 1 ImageNet).")
 @click.option("--image-size", type=int, default=224, show_default=True, help="Inputs are resized to SIZE x SIZE pixels.")
 @click.option("--center/--no-center", default=True, show_default=True,
-              help="Unsupervised: subtract the mean training feature before comparing cosines.")
+              help="Unsupervised: centre features (mean of the training set) for the cosine target and the projection.")
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Random horizontal flips while fine-tuning (not used with a frozen backbone).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]; mixed precision on CUDA.")
@@ -54,10 +54,17 @@ def train(data, out, **kwargs):
     multi-hot), a .npz/.h5 array of `features` (+ `labels`) for the identity backbone, or with
     --protocol a CIFAR-10 folder. One summary line per epoch goes to stderr (and MODEL.log.jsonl);
     stdout gets one JSON line describing the result.
+
+    Launched by torchrun (`torchrun --nproc_per_node=N -m ghindex_cli train ...`) it trains with
+    DistributedDataParallel, one process per GPU; --batch-size is the batch of all N processes
+    together, and rank 0 alone writes the model, checkpoint and log.
     """
+    from ghindex import distributed
     from ghindex.train import output_paths, train as train_fn
 
     model = train_fn(data, out=out, **kwargs)
+    if not distributed.is_main():
+        return  # under torchrun, rank 0 reports
     info = model.config.extra.get("training", {})
     click.echo(json.dumps({
         "model": out, "bits": model.bits, "backbone": model.config.backbone, "objective": info.get("objective"),
