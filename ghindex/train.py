@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .data import DataSource, ImageDataset, cifar_pool, collate, load_data, protocol_splits
 from .encoder import Encoder
 from .errors import ConfigError, DataError, ModelFileError
@@ -219,6 +220,39 @@ def _extract_features(model: Encoder, source: DataSource, device, batch_size: in
     return torch.cat(feats), np.concatenate(kept)
 
 
+def _extract_features_sharded(model: Encoder, source: DataSource, *args) -> tuple[torch.Tensor, np.ndarray]:
+    """`_extract_features` with several processes: each runs the frozen backbone over its contiguous
+    1/N of the items, then all gather the pieces in rank order, so every process holds the same cache
+    a single process would have built (the items are shuffled across all of it every epoch)."""
+    if not distributed.is_distributed() or source.kind == "features":
+        return _extract_features(model, source, *args)
+    start, stop = distributed.shard_range(len(source))
+    feats, kept = _extract_features(model, source.subset(np.arange(start, stop)), *args)
+    return (distributed.all_gather_rows(feats),
+            distributed.all_gather_rows(torch.from_numpy(kept + start)).numpy())
+
+
+def _reduce_stats(stats: "_EpochStats", skipped: int) -> tuple["_EpochStats", int]:
+    """Sum the epoch's statistics over all processes (what the log and checkpoint of rank 0 report)."""
+    head = torch.tensor([stats.n, stats.loss, stats.main, stats.penalty, stats.abs_h, skipped], dtype=torch.float64)
+    total = distributed.all_reduce_sum(torch.cat([head, stats.ones.detach().cpu().double()]))
+    stats.n, stats.loss, stats.main, stats.penalty, stats.abs_h = int(total[0]), *map(float, total[1:5])
+    stats.ones = total[6:]
+    return stats, int(total[5])
+
+
+class _DDPForward(torch.nn.Module):
+    """What DistributedDataParallel wraps: the encoder, with each step's forward passed in as a function
+    (DDP hooks only `forward`; the steps differ: hash layer on cached features, or the whole model)."""
+
+    def __init__(self, model: Encoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args):
+        return fn(*args)
+
+
 def train(
     data,
     bits: int = 64,
@@ -260,7 +294,8 @@ def train(
     lr: default 1e-3 supervised / 1e-4 unsupervised; multiplied by 0.1 every `lr_step` epochs
         (default: once, after 60% of `epochs`; 0: never). SGD with `momentum`, `weight_decay`.
     alpha: weight of the quantization penalty mean(|H - sgn(H)|^3).
-    center: unsupervised only: subtract the mean training feature before taking cosines.
+    center: unsupervised only: subtract the mean training feature before taking cosines, and
+        project centred features (hash-layer bias tied to -W mean, so bits stay balanced).
     augment: random horizontal flips while fine-tuning (never applied to cached frozen features).
     out: model path; also writes MODEL.ckpt, MODEL.log.jsonl and (protocol) MODEL.splits.npz.
     resume: continue from MODEL.ckpt (same arguments; `epochs` may grow).
@@ -276,6 +311,14 @@ def train(
     if kind == "unsupervised" and batch_size < 2:
         raise ConfigError("unsupervised training compares pairs: batch_size must be at least 2")
     torch_device = _resolve_device(device)
+    world = distributed.world_size()
+    if world > 1:  # launched by torchrun: data parallel, `batch_size` is the batch of all processes together
+        if batch_size % world or (kind == "unsupervised" and batch_size // world < 2):
+            raise ConfigError(f"batch_size {batch_size} is split over {world} processes: use a multiple of {world}"
+                              + (" with at least 2 items per process" if kind == "unsupervised" else ""))
+        torch_device = distributed.device_for_rank(torch_device)
+        distributed.setup(torch_device)
+        progress = progress and distributed.is_main()
     lr = float(lr if lr is not None else DEFAULT_LR[kind])
     lr_step = int(lr_step if lr_step is not None else max(1, round(0.6 * epochs)))
     workers = int(workers if workers is not None else min(4, os.cpu_count() or 1))
@@ -351,23 +394,38 @@ def train(
         if start_epoch > epochs:
             raise ConfigError(f"{paths['checkpoint']} already has {start_epoch} epochs, more than epochs={epochs}")
         logger.info("resuming %s after epoch %d of %d", paths["checkpoint"], start_epoch, epochs)
-    if paths and splits is not None:
+    if paths and splits is not None and distributed.is_main():
         _write_splits(paths["splits"], splits, protocol, seed, source.description)
 
     # -- inputs: cached frozen features, or a loader over images ----------------------------------
     objective = Objective(kind, alpha=alpha)
-    cached = labels_cached = None
+    cached = labels_cached = tie_bias = None
     if frozen and start_epoch < epochs:
-        cached, kept = _extract_features(model, source, torch_device, max(batch_size, 64), workers, autocast, progress)
+        cached, kept = _extract_features_sharded(model, source, torch_device, max(batch_size, 64), workers, autocast, progress)
         labels_cached = labels[torch.from_numpy(kept)] if labels is not None else None
         if kind == "unsupervised" and center:
-            objective.center = cached.double().mean(0).float().to(torch_device)
+            # Centred projection H = W (f - mean): with a free bias, the penalty's easiest minimum is a
+            # constant bit (W_k = 0, bias = +-1); tying the bias to -W mean keeps every bit split
+            # around the mean feature. The bias is folded in after each step, so checkpoints and the
+            # saved encoder compute W f + b as usual.
+            objective.center = tie_bias = cached.double().mean(0).float().to(torch_device)
+            model.hash_layer.bias.requires_grad_(False)  # no gradient, momentum or decay
+            with torch.no_grad():
+                model.hash_layer.bias.copy_(-model.hash_layer.weight @ tie_bias)
         if torch_device.type == "cuda" and cached.numel() * 4 < 4 << 30:
             cached = cached.to(torch_device)
             labels_cached = labels_cached.to(torch_device) if labels_cached is not None else None
     elif not frozen:
         c = model.config
         dataset = ImageDataset(source, _Preprocess(c.image_size, c.mean, c.std), (3, c.image_size, c.image_size))
+
+    # One call per step's forward: plain, or through DistributedDataParallel (gradients all-reduced).
+    forward = lambda fn, *args: fn(*args)  # noqa: E731
+    loss_weight = 1.0
+    if world > 1 and start_epoch < epochs:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            _DDPForward(model), device_ids=[torch_device.index] if torch_device.type == "cuda" else None)
+        batch_size //= world  # from here on: each process's share of a step's batch
 
     for epoch in range(start_epoch, epochs):
         rng_seed = _epoch_seed(seed, epoch)
@@ -378,6 +436,10 @@ def train(
         t0 = time.perf_counter()
         n_items = len(cached) if cached is not None else len(source)
         order = torch.randperm(n_items, generator=gen)
+        if world > 1:  # this process's share of the same permutation (padded to a multiple of world)
+            order = torch.tensor(list(torch.utils.data.DistributedSampler(
+                range(n_items), world, distributed.rank(), shuffle=True, seed=rng_seed)), dtype=torch.long)
+            n_items = len(order)
         bar = tqdm(total=n_items, unit="img", desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr,
                    disable=not progress, leave=False)
         model.train(not frozen)
@@ -387,6 +449,10 @@ def train(
             h = h_raw.float()
             b = greedy_sign(h)
             terms = objective(h, b, features=features, classifier=model.classifier, labels=y)
+            if not torch.isfinite(terms.total):
+                raise ConfigError(f"training diverged (loss {float(terms.total)} in epoch {epoch + 1}): lower lr or alpha")
+            if loss_weight != 1.0:  # a placeholder step (see below): takes part in the all-reduce only
+                terms = terms._replace(total=terms.total * loss_weight)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(terms.total).backward()
@@ -395,7 +461,11 @@ def train(
             else:
                 terms.total.backward()
                 optimizer.step()
-            stats.add(terms, h)
+            if tie_bias is not None:
+                with torch.no_grad():
+                    model.hash_layer.bias.copy_(-model.hash_layer.weight @ tie_bias)
+            if loss_weight:
+                stats.add(terms, h)
 
         if cached is not None:
             for start in range(0, n_items, batch_size):
@@ -404,7 +474,11 @@ def train(
                     continue  # a lone leftover item has no pair
                 f = cached[idx]
                 y = labels_cached[idx] if labels_cached is not None else None
-                step(model.hash_layer(f), f, y)
+                if tie_bias is None:
+                    h = forward(model.hash_layer, f)
+                else:  # centred projection W (f - mean); the bias is folded in after the step
+                    h = forward(lambda v: torch.nn.functional.linear(v - tie_bias, model.hash_layer.weight), f)
+                step(h, f, y)
                 bar.update(len(idx))
         else:
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(),
@@ -413,6 +487,7 @@ def train(
             for idx, x, errors in loader:
                 ok = torch.tensor([not e for e in errors], dtype=torch.bool)
                 flips = torch.rand(len(idx), generator=gen) < 0.5  # drawn for every batch: same stream on resume
+                whole, loss_weight = (x, idx, flips), 1.0
                 if not ok.all():
                     skipped += int((~ok).sum())
                     for e in errors:
@@ -420,17 +495,23 @@ def train(
                             logger.warning("skipping %s", e)
                     x, idx, flips = x[ok], idx[ok], flips[ok]
                 if len(idx) < (2 if kind == "unsupervised" else 1):
-                    bar.update(len(errors))
-                    continue
+                    if world == 1 or len(whole[1]) < (2 if kind == "unsupervised" else 1):
+                        bar.update(len(errors))
+                        continue
+                    # bad images left this process too few: every process must take part in every step's
+                    # all-reduce, so step on the placeholders with weight 0
+                    (x, idx, flips), loss_weight = whole, 0.0
                 if augment:
                     x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
                 x = x.to(torch_device, non_blocking=True)
                 y = labels[idx].to(torch_device) if labels is not None else None
                 with autocast():
-                    out_ = model(x)
+                    out_ = forward(model, x)
                 step(out_.h, out_.features, y)
                 bar.update(len(errors))
         bar.close()
+        if world > 1:
+            stats, skipped = _reduce_stats(stats, skipped)
         if stats.n == 0:
             raise DataError(f"no usable training items in {source.description}")
         current_lr = optimizer.param_groups[0]["lr"]
@@ -445,7 +526,7 @@ def train(
             epoch + 1, epochs, row["loss"], kind, row["main"], row["penalty"], row["mean_abs_h"],
             row["bit_ones_min"], row["bit_ones_max"], current_lr, seconds, row["images_per_s"] or 0,
         )
-        if paths:
+        if paths and distributed.is_main():
             state = {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "signature": json.dumps(signature, sort_keys=True),
                      "history": json.dumps(history), "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
@@ -458,11 +539,11 @@ def train(
     model.config.extra["training"] = {
         **signature, **weights_info, "epochs": epochs, "selection": "last epoch (query labels never used)",
         "final": history[-1] if history else None, "device": str(torch_device), "amp": str(amp_dtype) if use_amp else None,
-        "torch": torch.__version__, "python": platform.python_version(),
+        "torch": torch.__version__, "python": platform.python_version(), "processes": world,
         "splits_file": os.path.basename(paths["splits"]) if paths and splits is not None else None,
         "log_file": os.path.basename(paths["log"]) if paths else None,
     }
-    if paths:
+    if paths and distributed.is_main():
         model.save(paths["model"])
         logger.info("wrote %s", paths["model"])
     return model

@@ -179,6 +179,9 @@ def test_unsupervised_training_reduces_loss_and_keeps_neighbours():
                           batch_size=16, device="cpu", progress=False)
     info = model.config.extra["training"]
     assert info["objective"] == "unsupervised" and info["center"] is True
+    # centred projection: the bias is tied to -W mean, so the mean feature sits on every bit's boundary
+    mean = torch.from_numpy(feats.astype(np.float64).mean(0).astype(np.float32))[None]
+    assert model.hash(mean).abs().max() < 1e-4
     codes = model.encode(torch.from_numpy(feats))
     d = hamming_distances(codes, codes)
     np.fill_diagonal(d, 999)
@@ -226,6 +229,8 @@ def test_bad_arguments_are_clear_errors(tmp_path, runner):
         ghindex.train(src, backbone="resnet18")
     with pytest.raises(DataError, match="no labels"):
         ghindex.train(feature_source(feats), bits=8, epochs=1, progress=False)
+    with pytest.raises(ConfigError, match="diverged"):
+        ghindex.train(src, bits=8, epochs=5, batch_size=2, lr=1e4, alpha=10.0, device="cpu", progress=False)
     with pytest.raises(ModelFileError, match="no checkpoint"):
         ghindex.train(src, bits=8, out=tmp_path / "none.ghm", resume=True)
     result = runner.invoke(cli, ["train", str(tmp_path), "--bits", "64", "--out", str(tmp_path / "m.ghm")])
@@ -321,3 +326,22 @@ def test_resume_reaches_the_same_weights(tmp_path, monkeypatch, case):
     assert [r["loss"] for r in log_full] == [r["loss"] for r in log_part]
     assert [r["lr"] for r in log_full] == pytest.approx([common.get("lr", 1e-3 if case == "finetune-images" else 1e-4)] * 2
                                                        + [0.1 * common.get("lr", 1e-3 if case == "finetune-images" else 1e-4)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("freeze", [False, True])
+def test_cuda_mixed_precision_training(tmp_path, freeze):
+    folder = make_images(str(tmp_path / "imgs"), per_class=8)
+    out = tmp_path / "gpu.ghm"
+    model = ghindex.train(folder, bits=16, backbone="smallcnn", image_size=32, epochs=2, lr_step=1, batch_size=4,
+                          workers=2, freeze_backbone=freeze, device="cuda", out=out, progress=False)
+    info = model.config.extra["training"]
+    assert info["device"].startswith("cuda") and info["amp"] in ("torch.bfloat16", "torch.float16")
+    assert np.isfinite(info["final"]["loss"])
+    loaded = Encoder.load(out)
+    paths = sorted(str(p) for p in (tmp_path / "imgs").rglob("*.png"))
+    # the model trained on the GPU encodes the same on the CPU (fp32) up to a few bits near zero
+    a, b = loaded.encode(paths), model.encode(paths)
+    assert (np.unpackbits(a ^ b).mean()) < 0.05
+    ghindex.train(folder, bits=16, backbone="smallcnn", image_size=32, epochs=3, batch_size=4, workers=2,
+                  freeze_backbone=freeze, device="cuda", out=out, progress=False, resume=True, lr_step=1)
