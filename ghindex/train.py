@@ -450,7 +450,7 @@ def train(
             b = greedy_sign(h)
             terms = objective(h, b, features=features, classifier=model.classifier, labels=y)
             if not torch.isfinite(terms.total):
-                raise ConfigError(f"training diverged (loss {float(terms.total)} in epoch {epoch + 1}): lower lr or alpha")
+                raise ConfigError(f"training diverged (loss {float(terms.total.detach())} in epoch {epoch + 1}): lower lr or alpha")
             if loss_weight != 1.0:  # a placeholder step (see below): takes part in the all-reduce only
                 terms = terms._replace(total=terms.total * loss_weight)
             optimizer.zero_grad(set_to_none=True)
