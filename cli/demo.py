@@ -15,7 +15,7 @@ from ghindex.demo import DEFAULT_DATA
               help="Folder with database/<class>/ (also the training set) and query/<class>/ images.")
 @click.option("--bits", type=int, default=32, show_default=True, help="Code length in bits (multiple of 8).")
 @click.option("--backbone", default="smallcnn", show_default=True, help="Backbone, trained from scratch.")
-@click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True, help="Training epochs.")
+@click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True, help="Training epochs.")
 @click.option("--lr", type=float, default=0.01, show_default=True, help="SGD learning rate (from scratch).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per step.")
 @click.option("--image-size", type=click.IntRange(min=8), default=32, show_default=True,
