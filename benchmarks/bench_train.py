@@ -210,6 +210,8 @@ UNSUP_VARIANTS = {
         dict(center=False, lr=1e-4, alpha=0.1, epochs=10),
     "greedyhash tuned (centred, lr 1e-2, alpha 1), 10 epochs":
         dict(center=True, lr=1e-2, alpha=1.0, epochs=10),
+    "greedyhash tuned (centred, lr 1e-2, alpha 1), 20 epochs":
+        dict(center=True, lr=1e-2, alpha=1.0, epochs=20),
 }
 UNSUP_ABLATIONS = {
     "ablation: tuned but not centred": dict(center=False, lr=1e-2, alpha=1.0, epochs=10),
