@@ -323,6 +323,7 @@ def train(
     lr_step = int(lr_step if lr_step is not None else max(1, round(0.6 * epochs)))
     workers = int(workers if workers is not None else min(4, os.cpu_count() or 1))
     paths = output_paths(out) if out is not None else None
+    weights = "none" if weights is None else weights
 
     source, splits = _load_source(data, protocol, seed, root)
     if backbone is None:
