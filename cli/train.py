@@ -46,6 +46,8 @@ from ghindex.data import PROTOCOLS
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]; mixed precision on CUDA.")
 @click.option("--workers", type=int, default=None, help="DataLoader processes decoding images. [default: min(4, CPUs)]")
 @click.option("--resume", is_flag=True, help="Continue from MODEL.ckpt with the same arguments (--epochs may grow).")
+@click.option("--overwrite", is_flag=True,
+              help="Start over even if --out or its checkpoint exists (otherwise an error: use --resume).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 def train(data, out, **kwargs):
     """Train a GreedyHash encoder on DATA and write it to --out.

@@ -279,6 +279,7 @@ def train(
     device: str = "auto",
     workers: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> Encoder:
     """Train a GreedyHash encoder and return it (in eval mode, on `device`).
@@ -299,10 +300,18 @@ def train(
     augment: random horizontal flips while fine-tuning (never applied to cached frozen features).
     out: model path; also writes MODEL.ckpt, MODEL.log.jsonl and (protocol) MODEL.splits.npz.
     resume: continue from MODEL.ckpt (same arguments; `epochs` may grow).
+    overwrite: start over even if `out` or its checkpoint exists (otherwise that is an error, so an
+        interrupted run is never replaced by accident).
     """
     _check_args(bits, epochs, lr, lr_step, momentum, weight_decay, batch_size, alpha, image_size, workers)
     if resume and out is None:
         raise ConfigError("resume needs out, the model path whose checkpoint to continue")
+    if out is not None and not resume and not overwrite:
+        paths = output_paths(out)
+        existing = [paths[k] for k in ("checkpoint", "model") if os.path.exists(paths[k])]
+        if existing:
+            raise ConfigError(f"{existing[0]} exists: resume=True (--resume) continues that training, "
+                              "overwrite=True (--overwrite) starts over")
     kind = "unsupervised" if unsupervised else ("multi-label" if multi_label else "supervised")
     if unsupervised and multi_label:
         raise ConfigError("multi_label applies to supervised training; unsupervised uses no labels")

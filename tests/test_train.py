@@ -345,3 +345,19 @@ def test_cuda_mixed_precision_training(tmp_path, freeze):
     assert (np.unpackbits(a ^ b).mean()) < 0.05
     ghindex.train(folder, bits=16, backbone="smallcnn", image_size=32, epochs=3, batch_size=4, workers=2,
                   freeze_backbone=freeze, device="cuda", out=out, progress=False, resume=True, lr_step=1)
+
+
+def test_existing_model_is_not_replaced_without_resume_or_overwrite(runner, tmp_path):
+    from ghindex_cli.main import cli
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "f.npz", features=rng.standard_normal((40, 6)).astype(np.float32),
+             labels=np.arange(40) % 2)
+    args = ["train", str(tmp_path / "f.npz"), "--bits", "8", "--epochs", "1", "--out", str(tmp_path / "m.ghm"),
+            "--no-progress"]
+    assert runner.invoke(cli, args).exit_code == 0
+    before = (tmp_path / "m.ghm").read_bytes()
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 1 and "m.ghm.ckpt exists" in result.output and "--overwrite" in result.output
+    assert "Traceback" not in result.output and (tmp_path / "m.ghm").read_bytes() == before
+    assert runner.invoke(cli, args + ["--overwrite"]).exit_code == 0
