@@ -42,10 +42,14 @@ def wait_for(condition, proc, timeout=180):
     return condition()
 
 
-def kill(proc):
+def kill(proc) -> bool:
+    """SIGKILL `proc`; True if the signal ended it, False if it had finished by itself just before."""
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    if proc.returncode == -signal.SIGKILL:
+        return True
+    assert proc.returncode == 0, f"exited with {proc.returncode} before the kill"
+    return False
 
 
 def weights(path):
@@ -67,7 +71,7 @@ def test_train_killed_after_a_checkpoint_resumes_to_identical_weights(tmp_path, 
     proc = start(args(killed), tmp_path / "train.err")
     assert wait_for(lambda: os.path.exists(ckpt), proc), (tmp_path / "train.err").read_text()
     assert proc.poll() is None, "train finished before it could be killed"
-    kill(proc)
+    assert kill(proc), "training finished before it could be killed"
     epoch = torch.load(ckpt, weights_only=True)["epoch"]
     assert 1 <= epoch < 6 and not killed.exists()  # no final model from a killed run
 
@@ -113,8 +117,7 @@ def test_build_killed_at_random_moments_never_leaves_a_half_index(tmp_path):
         # the memory estimate is logged just before the index is trained and filled
         assert wait_for(lambda: b"needs about" in err.read_bytes(), proc), err.read_text()
         time.sleep(delay)
-        if proc.poll() is None:
-            kill(proc)
+        if proc.poll() is None and kill(proc):
             killed_mid_build += not out.exists()
         # whatever the moment: no index under the final name, or a complete one (the kill came after
         # the final rename, or an earlier attempt finished)
