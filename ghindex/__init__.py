@@ -24,5 +24,5 @@ except PackageNotFoundError:  # running from a source tree without install
 __all__ = [
     "ConfigError", "DataError", "Encoder", "EncoderConfig", "GhindexError", "ImageError",
     "IndexFileError", "ModelFileError", "SearchError", "StoreError", "WeightsError",
-    "greedy_sign", "pack_bits", "pack_signs", "quantization_penalty", "unpack_bits", "unpack_signs",
+    "greedy_sign", "pack_bits", "pack_signs", "quantization_penalty", "train", "unpack_bits", "unpack_signs",
 ]

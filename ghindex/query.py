@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from .errors import ConfigError, DataError, IndexFileError, ModelFileError, SearchError, StoreError
+from .errors import ConfigError, DataError, ModelFileError, SearchError, StoreError
 from .evaluate import StoreLookup
 from .io import atomic_path, file_fingerprint
 
