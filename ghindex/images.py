@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import IO
 
 import numpy as np
 import torch
@@ -35,8 +36,9 @@ def _size(path) -> int | None:
         return None
 
 
-def load_image(path: str | os.PathLike | Image.Image) -> Image.Image:
-    """Open an image file (or take a PIL image) and return it as 8-bit RGB.
+def load_image(path: str | os.PathLike | Image.Image | IO[bytes]) -> Image.Image:
+    """Open an image file (or take a PIL image, or read a binary file object such as an upload held in
+    `io.BytesIO`, named in messages by its `name` attribute) and return it as 8-bit RGB.
 
     Raises ImageError naming the file for anything that is not a decodable, reasonably sized image:
     missing or unreadable files, zero bytes, non-image content, truncation, decompression bombs.
@@ -44,7 +46,7 @@ def load_image(path: str | os.PathLike | Image.Image) -> Image.Image:
     """
     if isinstance(path, Image.Image):
         return _to_rgb(path)
-    name = os.fsdecode(path)
+    name = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(getattr(path, "name", "<stream>"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

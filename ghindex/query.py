@@ -99,6 +99,146 @@ def _relevant(a, b) -> bool | None:
     return bool(sa & sb)
 
 
+class Searcher:
+    """An index with its code store and, optionally, the model its codes came from: loaded once, then
+    answering any number of searches. `query` makes one per call; `ghindex serve` one for its lifetime.
+
+    `index`: an index directory or a loaded `Index`. The code store the index was built from (meta
+    `store_path`) supplies neighbours' paths and labels and the codes of stored ids; without it results
+    carry ids and distances only (`need_store=True`: StoreError instead). `model`: encodes query
+    images; it must be the index's encoder (same file fingerprint) unless `force`. `force` also accepts
+    a code store changed since the index was built. `close()` (or `with`) closes the store.
+    """
+
+    def __init__(self, index, model=None, *, force: bool = False, gpu: str = "auto", gpu_shard: bool = False,
+                 device=None, need_store: bool = False):
+        from .index import Index
+        from .store import CodeStore
+
+        self.index = index if isinstance(index, Index) else Index.load(index, gpu=gpu, gpu_shard=gpu_shard)
+        self.name = str(self.index.path) if self.index.path is not None else "<in memory>"
+        self.force = force
+        self.store, self.db = None, None
+        self.encoder, self.model_path = None, None
+        meta = self.index.meta
+        self.store_path = meta.get("store_path")
+        if self.store_path and os.path.exists(self.store_path):
+            store = CodeStore.open(self.store_path)
+            recorded = meta.get("store_fingerprint")
+            if recorded and recorded != store.fingerprint and not force:
+                store.close()
+                raise StoreError(
+                    f"code store {self.store_path} has changed since index {self.name} was built (fingerprint "
+                    "differs), so its paths and labels may not match the index: rebuild the index, or pass force"
+                )
+            self.store, self.db = store, _Store(store)
+        elif need_store:
+            raise StoreError(
+                f"index {self.name} has no code store to look ids up in (recorded: {self.store_path or 'none'})")
+        else:
+            log.warning("code store of index %s not found (%s): results have ids and distances only",
+                        self.name, self.store_path or "none recorded")
+        if model is not None:
+            try:
+                self._load_model(model, device)
+            except BaseException:
+                self.close()
+                raise
+
+    def _load_model(self, model, device) -> None:
+        from .encoder import Encoder
+
+        idx, index_encoder = self.index, self.index.meta.get("encoder_fingerprint")
+        # The header first: a missing, foreign or unsafe file, or a model of other bits, is named as such
+        # rather than as "not the index's model".
+        config = Encoder.read_config(model)
+        if config.bits != idx.bits:
+            raise ModelFileError(f"model {model} makes {config.bits}-bit codes but the index holds {idx.bits}-bit codes")
+        fingerprint = file_fingerprint(model)
+        if not self.force:
+            if not index_encoder:
+                raise ModelFileError(
+                    f"index {idx.path} records no encoder fingerprint, so model {model} cannot be checked "
+                    "against it; pass force to encode with it anyway"
+                )
+            if fingerprint != index_encoder:
+                raise ModelFileError(
+                    f"model {model} (sha256 {fingerprint[:12]}...) is not the model index {idx.path} was built "
+                    f"with (sha256 {index_encoder[:12]}...): its codes would not be comparable; use that model, "
+                    "or pass force"
+                )
+        self.encoder = Encoder.load(model, device=device or "cpu")
+        self.model_path = os.fspath(model)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store, self.db = None, None
+
+    def __enter__(self) -> "Searcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.db.class_names if self.db is not None else None
+
+    def row(self, id_: int) -> int:
+        """Row of a stored id in the code store, -1 when absent (or when there is no store)."""
+        if self.db is None or not -(2 ** 63) <= int(id_) < 2 ** 63:
+            return -1
+        return int(self.db.lookup.rows(np.asarray([id_], np.int64))[0])
+
+    def item(self, id_: int) -> dict | None:
+        """{"id", "label", "label_name", "path"} of a stored id; None when the store lacks it."""
+        row = self.row(id_)
+        if row < 0:
+            return None
+        label = self.db.label(row)
+        return {"id": int(id_), "label": label, "label_name": self.db.label_name(label),
+                "path": self.db.paths([row])[0]}
+
+    def encode(self, images, batch_size: int = 64) -> np.ndarray:
+        """Codes of images (paths or PIL images) with the loaded model."""
+        if self.encoder is None:
+            raise ConfigError("images need a model to encode them (--model)")
+        return self.encoder.encode(list(images), batch_size=batch_size)
+
+    def codes_for_ids(self, ids) -> tuple[np.ndarray, list[dict]]:
+        """The stored codes of `ids` and their query records (ConfigError for an id not stored)."""
+        if self.db is None:
+            raise StoreError(f"index {self.name} has no code store to look ids up in (recorded: {self.store_path or 'none'})")
+        ids = parse_ids(ids)
+        rows = [self.row(i) for i in ids]
+        missing = [i for i, r in zip(ids, rows) if r < 0]
+        if missing:
+            raise ConfigError(f"id {missing[0]} is not in code store {self.store_path}")
+        q_codes = np.stack([self.store.read(r, r + 1, paths=False).codes[0] for r in rows])
+        paths = self.db.paths(rows)
+        q_meta = []
+        for i, r, p in zip(ids, rows, paths):
+            label = self.db.label(r)
+            q_meta.append({"query": f"id:{i}", "query_id": int(i), "query_path": p, "query_label": label,
+                           "query_label_name": self.db.label_name(label)})
+        return q_codes, q_meta
+
+    def search(self, q_codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, ids) of the k nearest codes: `Index.search`."""
+        return self.index.search(q_codes, int(k))
+
+    def records(self, q_meta: list[dict], dist: np.ndarray, found: np.ndarray, radius: int | None = None) -> list[dict]:
+        """Search output -> one result per query: its q_meta record plus "neighbors" ranked by distance,
+        ties by database position, within `radius` when given."""
+        return _assemble(q_meta, dist, found, self.db, radius)
+
+
+def query_record(name: str, path: str | None = None) -> dict:
+    """The query fields of a result for a query that is not a stored id (an image or a bare code)."""
+    return {"query": name, "query_id": None, "query_path": path, "query_label": None, "query_label_name": None}
+
+
 def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius: int | None = None,
           force: bool = False, grid=None, batch_size: int = 64, device=None, gpu: str = "auto",
           gpu_shard: bool = False) -> list[dict]:
@@ -115,7 +255,6 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
     Each result: {"query", "query_id", "query_path", "query_label", "query_label_name",
     "neighbors": [{"rank", "id", "distance", "path", "label", "label_name", "relevant"}]}.
     """
-    from .index import Index
     from .store import CodeStore
 
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -133,46 +272,23 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
     if model is not None and not images:
         raise ConfigError("a model is only used to encode query images; give images too")
 
-    idx = index if isinstance(index, Index) else Index.load(index, gpu=gpu, gpu_shard=gpu_shard)
-    index_name = str(idx.path) if idx.path is not None else "<in memory>"
-    meta = idx.meta
-    index_encoder = meta.get("encoder_fingerprint")
-
-    # the store the index was built from: paths and labels of neighbours (and codes for `ids`)
-    store, db = None, None
-    store_path = meta.get("store_path")
-    if store_path and os.path.exists(store_path):
-        store = CodeStore.open(store_path)
-        recorded = meta.get("store_fingerprint")
-        if recorded and recorded != store.fingerprint and not force:
-            store.close()
-            raise StoreError(
-                f"code store {store_path} has changed since index {index_name} was built (fingerprint "
-                "differs), so its paths and labels may not match the index: rebuild the index, or pass force"
-            )
-        db = _Store(store)
-    elif ids:
-        raise StoreError(f"index {index_name} has no code store to look ids up in (recorded: {store_path or 'none'})")
-    else:
-        log.warning("code store of index %s not found (%s): results have ids and distances only",
-                    index_name, store_path or "none recorded")
-
-    try:
+    with Searcher(index, model, force=force, gpu=gpu, gpu_shard=gpu_shard, device=device,
+                  need_store=bool(ids)) as searcher:
+        idx = searcher.index
         if images:
-            q_codes = _encode_images(images, model, idx, index_encoder, force, batch_size, device)
-            q_meta = [{"query": os.fspath(p), "query_id": None, "query_path": os.path.abspath(p),
-                       "query_label": None} for p in images]
+            q_codes = searcher.encode([os.fspath(p) for p in images], batch_size=batch_size)
+            q_meta = [query_record(os.fspath(p), os.path.abspath(p)) for p in images]
         elif codes is not None:
             with CodeStore.open(codes) as q_store:
                 if q_store.bits != idx.bits:  # before the encoder check: the more basic mismatch
                     raise SearchError(
-                        f"code store {codes} holds {q_store.bits}-bit codes but index {index_name} holds "
+                        f"code store {codes} holds {q_store.bits}-bit codes but index {searcher.name} holds "
                         f"{idx.bits}-bit codes"
                     )
-                enc = q_store.encoder_fingerprint
+                enc, index_encoder = q_store.encoder_fingerprint, idx.meta.get("encoder_fingerprint")
                 if enc and index_encoder and enc != index_encoder and not force:
                     raise ModelFileError(
-                        f"code store {codes} was encoded with another model than index {index_name} "
+                        f"code store {codes} was encoded with another model than index {searcher.name} "
                         "(encoder fingerprints differ); pass force to search anyway"
                     )
                 if len(q_store) == 0:
@@ -181,57 +297,18 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
                 q_codes = batch.codes
                 q_paths = batch.paths or [None] * len(q_codes)
                 labels = batch.labels
-                q_meta = [{"query": f"id:{int(i)}", "query_id": int(i),
-                           "query_path": p, "query_label": None if labels is None else _label_value(labels[j])}
-                          for j, (i, p) in enumerate(zip(batch.ids, q_paths))]
-                q_names = q_store.class_names
+                q_meta = []
+                for j, (i, p) in enumerate(zip(batch.ids, q_paths)):
+                    label = None if labels is None else _label_value(labels[j])
+                    q_meta.append({"query": f"id:{int(i)}", "query_id": int(i), "query_path": p,
+                                   "query_label": label, "query_label_name": _label_name(label, q_store.class_names)})
         else:
-            rows = db.lookup.rows(np.asarray(ids, np.int64))
-            missing = [i for i, r in zip(ids, rows) if r < 0]
-            if missing:
-                raise ConfigError(f"id {missing[0]} is not in code store {store_path}")
-            q_codes = np.stack([store.read(int(r), int(r) + 1, paths=False).codes[0] for r in rows])
-            paths = db.paths(rows)
-            q_meta = [{"query": f"id:{i}", "query_id": int(i), "query_path": p, "query_label": db.label(int(r))}
-                      for i, r, p in zip(ids, rows, paths)]
-        if codes is None:
-            q_names = db.class_names if db is not None else None
-        for m in q_meta:
-            m["query_label_name"] = _label_name(m["query_label"], q_names)
-
-        dist, found = idx.search(q_codes, int(k))
-        results = _assemble(q_meta, dist, found, db, radius)
-    finally:
-        if store is not None:
-            store.close()
+            q_codes, q_meta = searcher.codes_for_ids(ids)
+        dist, found = searcher.search(q_codes, int(k))
+        results = searcher.records(q_meta, dist, found, radius)
     if grid is not None:
         write_grid(results, grid)
     return results
-
-
-def _encode_images(images, model, idx, index_encoder, force, batch_size, device) -> np.ndarray:
-    from .encoder import Encoder
-
-    # The header first: a missing, foreign or unsafe file, or a model of other bits, is named as such
-    # rather than as "not the index's model".
-    config = Encoder.read_config(model)
-    if config.bits != idx.bits:
-        raise ModelFileError(f"model {model} makes {config.bits}-bit codes but the index holds {idx.bits}-bit codes")
-    fingerprint = file_fingerprint(model)
-    if not force:
-        if not index_encoder:
-            raise ModelFileError(
-                f"index {idx.path} records no encoder fingerprint, so model {model} cannot be checked "
-                "against it; pass force to encode with it anyway"
-            )
-        if fingerprint != index_encoder:
-            raise ModelFileError(
-                f"model {model} (sha256 {fingerprint[:12]}...) is not the model index {idx.path} was built "
-                f"with (sha256 {index_encoder[:12]}...): its codes would not be comparable; use that model, "
-                "or pass force"
-            )
-    encoder = Encoder.load(model, device=device or "cpu")
-    return encoder.encode([os.fspath(p) for p in images], batch_size=batch_size)
 
 
 def _assemble(q_meta, dist, found, db, radius) -> list[dict]:
@@ -312,7 +389,12 @@ def format_table(results: list[dict]) -> str:
 
 
 def json_lines(results: list[dict]) -> str:
-    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in results)
+    return "\n".join(to_json(r) for r in results)
+
+
+def to_json(value) -> str:
+    """JSON text (UTF-8 safe) of results or any JSON-able value."""
+    text = json.dumps(value, ensure_ascii=False)
     # Paths with undecodable bytes hold lone surrogates (os.fsdecode): escape them, or the output would
     # not be valid UTF-8; json.loads gives the same str back, and os.fsencode the original bytes.
     return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
