@@ -1,0 +1,123 @@
+"""Index directories on disk: INDEX/index.faiss and INDEX/meta.json, written atomically, read and described."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import IndexFileError
+from ..io import remove_stale_temps
+
+INDEX_FILE = "index.faiss"
+META_FILE = "meta.json"
+FORMAT = "ghindex-index"
+FORMAT_VERSION = 1
+
+
+def _is_index_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / META_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not (out.is_dir() and _is_index_dir(out)):
+        raise IndexFileError(f"{out} exists and is not a ghindex index directory; refusing to replace it")
+    if not overwrite:
+        raise IndexFileError(f"index {out} already exists; use overwrite=True (--overwrite) to replace it")
+
+
+@contextlib.contextmanager
+def _atomic_dir(final: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield an empty temp directory next to `final`; on success it replaces `final` by renames."""
+    _check_out(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    old = final.with_name(f".{final.name}.{os.getpid()}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for child in tmp.iterdir():
+            with open(child, "rb+") as f:
+                os.fsync(f.fileno())
+        if final.exists():
+            os.replace(final, old)  # the old index survives under `old` if the next rename fails
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_temps(final, (".tmp", ".old"))  # left by builds that were killed
+
+
+def _faiss_reason(exc: Exception) -> str:
+    """The useful part of a FAISS C++ error: without its function signature, source line and assertion."""
+    text = str(exc).strip()
+    text = text.splitlines()[-1] if text else type(exc).__name__
+    text = re.sub(r"^Error in .*? at \S+:\d+: ", "", text)
+    text = re.sub(r"^Error: '.*?' failed: ", "", text)
+    if text.startswith("read error"):
+        text = f"the file ends too early: truncated? {text}"
+    return text[:200]
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """meta.json of an index directory, checked to be a ghindex index."""
+    path = Path(path)
+    if not path.exists():
+        raise IndexFileError(f"index {path} does not exist")
+    if not path.is_dir():
+        raise IndexFileError(f"{path} is not an index directory (expected {INDEX_FILE} and {META_FILE} inside)")
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except FileNotFoundError:
+        raise IndexFileError(f"{path} has no {META_FILE}: not a ghindex index directory") from None
+    except ValueError as exc:
+        raise IndexFileError(f"{path / META_FILE} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise IndexFileError(f"{path / META_FILE} is not ghindex index metadata")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise IndexFileError(
+            f"index {path} has format version {meta['format_version']}; this ghindex reads up to {FORMAT_VERSION}"
+        )
+    for field in ("bits", "code_bytes", "padded_bytes", "index_key", "ntotal"):
+        if field not in meta:
+            raise IndexFileError(f"{path / META_FILE} lacks {field!r}")
+    return meta
+
+
+def describe_index(path: str | os.PathLike) -> dict:
+    """What an index directory holds, from meta.json and the file size (the index is not loaded)."""
+    path = Path(path)
+    meta = read_meta(path)
+    index_file = path / INDEX_FILE
+    if not index_file.is_file():
+        raise IndexFileError(f"index {path} lacks {INDEX_FILE}")
+    return {
+        "kind": "index",
+        "path": str(path),
+        "index_key": meta["index_key"],
+        "faiss_class": meta.get("faiss_class"),
+        "bits": meta["bits"],
+        "code_bytes": meta["code_bytes"],
+        "padded_bytes": meta["padded_bytes"],
+        "ntotal": meta["ntotal"],
+        "params": meta.get("params", {}),
+        "id_map": meta.get("id_map"),
+        "store_path": meta.get("store_path"),
+        "store_fingerprint": meta.get("store_fingerprint"),
+        "encoder_fingerprint": meta.get("encoder_fingerprint"),
+        "index_file_bytes": index_file.stat().st_size,
+        "created": meta.get("created"),
+        "faiss_version": meta.get("faiss_version"),
+        "ghindex_version": meta.get("ghindex_version"),
+    }
