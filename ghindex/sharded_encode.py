@@ -2,7 +2,7 @@
 its own part, then rank 0 merges the parts, in order, into the one code store OUT.
 
     OUT.part<r>-of-<N>    process r's part: an ordinary code store, written by the single-process
-                          `encode` with its journal (OUT.part<r>-of-<N>.partial[.journal]), so a
+                          `encode_local` with its journal (OUT.part<r>-of-<N>.partial[.journal]), so a
                           process that dies loses only its unflushed chunk and `--resume` continues
                           every part where it stopped (parts that were complete are kept)
     OUT                   the merge: parts copied chunk by chunk into a temporary file next to OUT,
@@ -24,8 +24,11 @@ import time
 from typing import Any
 
 from . import distributed
+from .device import resolve_device, resolve_precision
+from .encode_state import SUMMARY_SKIPPED_LIMIT, _finished_summary, _is_result_of, load_source, source_fingerprint
 from .errors import ConfigError, StoreError
 from .io import atomic_path, file_fingerprint
+from .local_encode import encode_local
 from .store import _RESERVED_ATTRS, CodeStore
 
 # Barriers wait for the slowest part (after a resume, parts can have very different amounts left);
@@ -88,10 +91,7 @@ def encode_sharded(model, data, out, *, protocol=None, split=None, seed=0, root=
                    device="auto", resume=False, append=False, overwrite=False, progress=True,
                    **options) -> dict[str, Any]:
     """`ghindex.encode.encode` with several processes (see the module docstring). Every process
-    returns the same summary of the whole run."""
-    from .encode import (SUMMARY_SKIPPED_LIMIT, _finished_summary, _is_result_of, encode, load_source,
-                         resolve_device, resolve_precision, source_fingerprint)
-
+    returns the same summary of the whole run; `options` go to each process's `encode_local`."""
     t0 = time.perf_counter()
     out, model = os.fspath(out), os.fspath(model)
     if append:
@@ -135,9 +135,9 @@ def encode_sharded(model, data, out, *, protocol=None, split=None, seed=0, root=
                     os.remove(path)
 
     start, stop = distributed.shard_range(len(source))
-    mine = encode(model, data, parts[rank], protocol=protocol, split=split, seed=seed, root=root, ids_from=ids_from,
-                  device=str(dev), resume=resume, overwrite=overwrite, progress=progress and rank == 0,
-                  _shard=(start, stop), **options)
+    mine = encode_local(model, data, parts[rank], protocol=protocol, split=split, seed=seed, root=root,
+                        ids_from=ids_from, device=str(dev), resume=resume, append=False, overwrite=overwrite,
+                        progress=progress and rank == 0, shard=(start, stop), **options)
     summaries = distributed.all_gather_objects(mine)  # also a barrier: every part is complete
     if rank == 0:
         merge_parts(parts, out, source.description, data_fingerprint)
