@@ -319,7 +319,7 @@ def supervised_images(bits=64, epochs=30, freeze=False, device="auto", workers=4
 
     import ghindex
     from ghindex.data import cifar_pool, protocol_splits
-    from ghindex.train import _resolve_device
+    from ghindex.device import resolve_device
 
     os.makedirs(out_dir, exist_ok=True)
     tag = "frozen" if freeze else "finetuned"
@@ -330,7 +330,7 @@ def supervised_images(bits=64, epochs=30, freeze=False, device="auto", workers=4
     model, sec = timed(ghindex.train, folder, bits=bits, backbone=backbone, weights=weights,
                        protocol="cifar10-I", seed=seed, freeze_backbone=freeze, device=device, workers=workers,
                        out=os.path.join(out_dir, f"{tag}.ghm"), progress=False, **params)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     pool, n_train = cifar_pool(folder)
     splits = protocol_splits(pool.labels, n_train, "cifar10-I", seed)
     (qc, dc), enc_sec = timed(lambda: [encode_images(model, pool.subset(splits[s]), dev, workers) for s in ("query", "database")])

@@ -18,6 +18,10 @@ Frozen backbones (always the case for `identity` and for the unsupervised object
 the training set in eval mode and their features cached; every epoch then only trains the hash layer
 (and classifier), which is why flips are not applied then. Model selection: the model of the last epoch
 is kept; nothing here ever looks at query labels (protocols only contribute their training split).
+
+Layout: `train` checks its arguments, then runs the steps of a `_TrainingRun` in order (prepare_data,
+read_checkpoint, build_model, make_optimizer, resume, write_splits, prepare_inputs, run_epochs, save);
+one epoch's pass over the data is `ghindex.train_epoch.train_epoch`.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import math
 import os
 import platform
 import sys
-import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,18 +41,19 @@ from tqdm import tqdm
 
 from . import distributed
 from .data import DataSource, ImageDataset, cifar_pool, collate, load_data, protocol_splits
+from .device import resolve_device
 from .encoder import Encoder
 from .errors import ConfigError, DataError, ModelFileError
-from .hashing import check_bits, greedy_sign
+from .hashing import check_bits
 from .images import image_to_tensor
 from .io import atomic_path, file_fingerprint
 from .losses import Objective
+from .train_epoch import MAX_WARNED_IMAGES, DDPForward, train_epoch
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 DEFAULT_LR = {"supervised": 1e-3, "multi-label": 1e-3, "unsupervised": 1e-4}
-MAX_WARNED_IMAGES = 5
 
 
 def output_paths(out: str | os.PathLike) -> dict[str, str]:
@@ -66,22 +71,6 @@ class _Preprocess:
 
     def __call__(self, img):
         return image_to_tensor(img, self.image_size, self.mean, self.std)
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available (use --device cpu or auto)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {device!r}")
-    return torch.device(device)
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (int(seed) * 1_000_003 + int(epoch) * 7919 + 17) % (2**63 - 1)
 
 
 def _load_source(data, protocol: str | None, seed: int, root) -> tuple[DataSource, dict[str, np.ndarray] | None]:
@@ -161,31 +150,6 @@ def _load_checkpoint(path: str) -> dict[str, Any]:
     return state
 
 
-class _EpochStats:
-    """Running sums for the per-epoch summary."""
-
-    def __init__(self, bits: int, device):
-        self.n = 0
-        self.loss = self.main = self.penalty = self.abs_h = 0.0
-        self.ones = torch.zeros(bits, dtype=torch.float64, device=device)
-
-    def add(self, terms, h: torch.Tensor) -> None:
-        n = h.shape[0]
-        self.n += n
-        self.loss += float(terms.total.detach()) * n
-        self.main += float(terms.main.detach()) * n
-        self.penalty += float(terms.penalty.detach()) * n
-        h = h.detach()
-        self.abs_h += float(h.abs().mean()) * n
-        self.ones += (h >= 0).sum(0).double()
-
-    def summary(self) -> dict[str, float]:
-        n = max(self.n, 1)
-        ones = (self.ones / n).cpu()
-        return {"loss": self.loss / n, "main": self.main / n, "penalty": self.penalty / n,
-                "mean_abs_h": self.abs_h / n, "bit_ones_min": float(ones.min()), "bit_ones_max": float(ones.max())}
-
-
 def _extract_features(model: Encoder, source: DataSource, device, batch_size: int, workers: int,
                       autocast, progress: bool) -> tuple[torch.Tensor, np.ndarray]:
     """Frozen backbone over the whole source once (eval mode). Returns (features float32 on CPU, indices of
@@ -232,25 +196,268 @@ def _extract_features_sharded(model: Encoder, source: DataSource, *args) -> tupl
             distributed.all_gather_rows(torch.from_numpy(kept + start)).numpy())
 
 
-def _reduce_stats(stats: "_EpochStats", skipped: int) -> tuple["_EpochStats", int]:
-    """Sum the epoch's statistics over all processes (what the log and checkpoint of rank 0 report)."""
-    head = torch.tensor([stats.n, stats.loss, stats.main, stats.penalty, stats.abs_h, skipped], dtype=torch.float64)
-    total = distributed.all_reduce_sum(torch.cat([head, stats.ones.detach().cpu().double()]))
-    stats.n, stats.loss, stats.main, stats.penalty, stats.abs_h = int(total[0]), *map(float, total[1:5])
-    stats.ones = total[6:]
-    return stats, int(total[5])
+def _check_outputs(out, resume: bool, overwrite: bool) -> None:
+    """Resuming needs a model path; starting over must not replace an earlier run's files by accident."""
+    if resume and out is None:
+        raise ConfigError("resume needs out, the model path whose checkpoint to continue")
+    if out is not None and not resume and not overwrite:
+        paths = output_paths(out)
+        existing = [paths[k] for k in ("checkpoint", "model") if os.path.exists(paths[k])]
+        if existing:
+            raise ConfigError(f"{existing[0]} exists: resume=True (--resume) continues that training, "
+                              "overwrite=True (--overwrite) starts over")
 
 
-class _DDPForward(torch.nn.Module):
-    """What DistributedDataParallel wraps: the encoder, with each step's forward passed in as a function
-    (DDP hooks only `forward`; the steps differ: hash layer on cached features, or the whole model)."""
+def _objective_kind(unsupervised: bool, multi_label: bool, freeze_backbone, batch_size) -> str:
+    kind = "unsupervised" if unsupervised else ("multi-label" if multi_label else "supervised")
+    if unsupervised and multi_label:
+        raise ConfigError("multi_label applies to supervised training; unsupervised uses no labels")
+    if unsupervised and freeze_backbone is False:
+        raise ConfigError("unsupervised training keeps the backbone frozen: its features are the similarity target")
+    if kind == "unsupervised" and batch_size < 2:
+        raise ConfigError("unsupervised training compares pairs: batch_size must be at least 2")
+    return kind
 
-    def __init__(self, model: Encoder):
-        super().__init__()
-        self.model = model
 
-    def forward(self, fn, *args):
-        return fn(*args)
+def _setup_processes(device, kind: str, batch_size, progress) -> tuple[torch.device, int, bool]:
+    """This process's device and the number of processes (with torchrun: joins the process group);
+    progress bars only on the main process."""
+    torch_device = resolve_device(device)
+    world = distributed.world_size()
+    if world > 1:  # launched by torchrun: data parallel, `batch_size` is the batch of all processes together
+        if batch_size % world or (kind == "unsupervised" and batch_size // world < 2):
+            raise ConfigError(f"batch_size {batch_size} is split over {world} processes: use a multiple of {world}"
+                              + (" with at least 2 items per process" if kind == "unsupervised" else ""))
+        torch_device = distributed.device_for_rank(torch_device)
+        distributed.setup(torch_device)
+        progress = progress and distributed.is_main()
+    return torch_device, world, progress
+
+
+def _unset():
+    return field(init=False, default=None, repr=False)
+
+
+@dataclass(eq=False)
+class _TrainingRun:
+    """One call of `train`: its settings (defaults resolved by `train`), then the state that its steps
+    fill in, in this order: prepare_data, [read_checkpoint], build_model, make_optimizer, [resume],
+    write_splits, prepare_inputs, run_epochs (per epoch: `train_epoch`, record_epoch), save."""
+
+    kind: str  # "supervised", "multi-label" or "unsupervised"
+    bits: int
+    backbone: str | None  # None: chosen by prepare_data from the kind of data
+    weights: str
+    image_size: int
+    freeze_backbone: bool | None
+    protocol: str | None
+    seed: int
+    epochs: int
+    lr: float
+    lr_step: int
+    momentum: float
+    weight_decay: float
+    batch_size: int  # a step's batch, all processes together
+    alpha: float
+    center: bool
+    augment: bool
+    device: torch.device
+    world: int  # number of processes (torchrun); 1 without
+    workers: int
+    progress: bool
+    paths: dict[str, str] | None  # `output_paths(out)`; None: nothing written
+
+    # prepare_data
+    source: DataSource = _unset()
+    splits: dict[str, np.ndarray] | None = _unset()  # with a protocol: its split indices
+    frozen: bool = _unset()  # backbone not trained: its features are cached once
+    labels: torch.Tensor | None = _unset()
+    num_classes: int = _unset()
+    signature: dict[str, Any] = _unset()  # everything that determines the result (checked on resume)
+    weights_info: dict[str, Any] = _unset()
+    # build_model, make_optimizer
+    model: Encoder = _unset()
+    optimizer: torch.optim.Optimizer = _unset()
+    scheduler: torch.optim.lr_scheduler.LRScheduler = _unset()
+    use_amp: bool = _unset()
+    amp_dtype: torch.dtype = _unset()
+    scaler: torch.amp.GradScaler | None = _unset()
+    # resume
+    start_epoch: int = field(init=False, default=0)
+    history: list[dict] = field(init=False, default_factory=list, repr=False)  # one log row per epoch
+    # prepare_inputs
+    objective: Objective = _unset()
+    cached: torch.Tensor | None = _unset()  # frozen: the backbone's features of the training items
+    labels_cached: torch.Tensor | None = _unset()  # their labels
+    tie_bias: torch.Tensor | None = _unset()  # unsupervised, centred: the mean feature the bias is tied to
+    dataset: ImageDataset | None = _unset()  # not frozen: the training images
+    # run_epochs
+    forward: Any = _unset()  # forward(fn, *args): fn(*args), through DistributedDataParallel with several processes
+    process_batch: int = _unset()  # this process's share of a step's batch
+
+    def prepare_data(self, data, root) -> None:
+        """Training items and labels; the backbone for them; the run's signature."""
+        source, self.splits = _load_source(data, self.protocol, self.seed, root)
+        self.source = source
+        if self.backbone is None:
+            self.backbone = "identity" if source.kind == "features" else "alexnet"
+        if source.kind == "features" and self.backbone != "identity":
+            raise ConfigError(f"{source.description} holds feature vectors: use backbone 'identity', "
+                              f"not {self.backbone!r}")
+        if source.kind == "images" and self.backbone == "identity":
+            raise ConfigError(f"{source.description} holds images: the identity backbone takes feature arrays")
+        kind = self.kind
+        self.frozen = bool(kind == "unsupervised" or self.backbone == "identity" or self.freeze_backbone)
+        self.labels = _labels_tensor(source, kind)
+        self.num_classes = 0 if kind == "unsupervised" else source.num_classes
+        if kind != "unsupervised" and self.num_classes < 2:
+            raise DataError(f"{source.description}: supervised training needs at least 2 classes, "
+                            f"found {self.num_classes}")
+        if len(source) < 2:
+            raise DataError(f"{source.description}: need at least 2 training items, found {len(source)}")
+
+        # Everything that determines the result; resuming with different values would not continue the run.
+        self.signature = {
+            "objective": kind, "bits": int(self.bits), "backbone": self.backbone, "weights": os.fspath(self.weights),
+            "data": source.description, "items": len(source), "protocol": self.protocol, "seed": int(self.seed),
+            "freeze_backbone": self.frozen, "lr": self.lr, "lr_step": self.lr_step, "momentum": float(self.momentum),
+            "weight_decay": float(self.weight_decay), "batch_size": int(self.batch_size), "alpha": float(self.alpha),
+            "image_size": int(self.image_size), "center": bool(self.center) if kind == "unsupervised" else None,
+            "augment": bool(self.augment) and not self.frozen,
+        }
+        self.weights_info = {"weights": os.fspath(self.weights)}
+        if self.weights not in ("none", "imagenet", None) and os.path.isfile(os.fspath(self.weights)):
+            self.weights_info["weights_sha256"] = file_fingerprint(self.weights)
+
+    def read_checkpoint(self) -> dict[str, Any]:
+        """The checkpoint to resume from, after checking it continues this run (same signature)."""
+        state = _load_checkpoint(self.paths["checkpoint"])
+        saved, signature = json.loads(state["signature"]), self.signature
+        diff = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
+        if diff:
+            k = diff[0]
+            raise ConfigError(
+                f"cannot resume {self.paths['checkpoint']}: {k} was {saved.get(k)!r}, now {signature.get(k)!r}"
+                + (f" (and {len(diff) - 1} more difference(s))" if len(diff) > 1 else "")
+            )
+        return state
+
+    def build_model(self) -> None:
+        """The encoder, seeded, on the device; a frozen backbone gets no gradients."""
+        torch.manual_seed(self.seed)
+        source = self.source
+        class_names = source.class_names if self.kind != "unsupervised" else None
+        self.model = model = Encoder(
+            self.backbone, self.bits, weights=self.weights,
+            feature_dim=source.features.shape[1] if source.kind == "features" else None,
+            image_size=self.image_size, num_classes=self.num_classes,
+            extra={"class_names": list(class_names)} if class_names else None)
+        if self.frozen:
+            model.backbone.requires_grad_(False)
+        model.to(self.device)
+
+    def make_optimizer(self) -> None:
+        """SGD over the trained parameters, the step schedule, and mixed precision on CUDA."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        # lr_step 0 = constant learning rate; a huge step keeps StepLR's (primitive-only) state format.
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=self.lr_step or 10**9, gamma=0.1)
+        self.use_amp = use_amp = self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if use_amp and self.amp_dtype == torch.float16 else None
+
+    def autocast(self):
+        """Mixed precision on CUDA, nothing on the CPU."""
+        return torch.autocast("cuda", dtype=self.amp_dtype) if self.use_amp else contextlib.nullcontext()
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Weights, optimizer, schedule, RNG and history as the checkpoint left them."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        self.start_epoch, self.history = int(state["epoch"]), json.loads(state["history"])
+        if self.start_epoch > self.epochs:
+            raise ConfigError(f"{self.paths['checkpoint']} already has {self.start_epoch} epochs, "
+                              f"more than epochs={self.epochs}")
+        logger.info("resuming %s after epoch %d of %d", self.paths["checkpoint"], self.start_epoch, self.epochs)
+
+    def write_splits(self) -> None:
+        """With a protocol and out: its split indices, for evaluating on the same query and database."""
+        if self.paths and self.splits is not None and distributed.is_main():
+            _write_splits(self.paths["splits"], self.splits, self.protocol, self.seed, self.source.description)
+
+    def prepare_inputs(self) -> None:
+        """What the epochs read: cached frozen features (once), or a dataset of images; and the objective."""
+        self.objective = Objective(self.kind, alpha=self.alpha)
+        model, device = self.model, self.device
+        if self.frozen and self.start_epoch < self.epochs:
+            cached, kept = _extract_features_sharded(model, self.source, device, max(self.batch_size, 64), self.workers,
+                                                     self.autocast, self.progress)
+            labels_cached = self.labels[torch.from_numpy(kept)] if self.labels is not None else None
+            if self.kind == "unsupervised" and self.center:
+                # Centred projection H = W (f - mean): with a free bias, the penalty's easiest minimum is a
+                # constant bit (W_k = 0, bias = +-1); tying the bias to -W mean keeps every bit split
+                # around the mean feature. The bias is folded in after each step, so checkpoints and the
+                # saved encoder compute W f + b as usual.
+                self.objective.center = self.tie_bias = cached.double().mean(0).float().to(device)
+                model.hash_layer.bias.requires_grad_(False)  # no gradient, momentum or decay
+                with torch.no_grad():
+                    model.hash_layer.bias.copy_(-model.hash_layer.weight @ self.tie_bias)
+            if device.type == "cuda" and cached.numel() * 4 < 4 << 30:
+                cached = cached.to(device)
+                labels_cached = labels_cached.to(device) if labels_cached is not None else None
+            self.cached, self.labels_cached = cached, labels_cached
+        elif not self.frozen:
+            c = model.config
+            self.dataset = ImageDataset(self.source, _Preprocess(c.image_size, c.mean, c.std),
+                                        (3, c.image_size, c.image_size))
+
+    def run_epochs(self) -> None:
+        """Epochs start_epoch+1..epochs, each recorded (checkpointed) as it ends."""
+        # One call per step's forward: plain, or through DistributedDataParallel (gradients all-reduced).
+        self.forward = lambda fn, *args: fn(*args)  # noqa: E731
+        self.process_batch = self.batch_size
+        if self.world > 1 and self.start_epoch < self.epochs:
+            self.forward = torch.nn.parallel.DistributedDataParallel(
+                DDPForward(self.model), device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.process_batch = self.batch_size // self.world
+        for epoch in range(self.start_epoch, self.epochs):
+            row = train_epoch(self, epoch)
+            self.record_epoch(row)
+
+    def record_epoch(self, row: dict[str, Any]) -> None:
+        """The epoch's row joins the history; with out, the main process writes the checkpoint and the log."""
+        self.history.append(row)
+        if self.paths and distributed.is_main():
+            state = {"format": CHECKPOINT_FORMAT, "epoch": row["epoch"],
+                     "signature": json.dumps(self.signature, sort_keys=True), "history": json.dumps(self.history),
+                     "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "rng": torch.get_rng_state()}
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
+            _save_checkpoint(self.paths["checkpoint"], state)
+            _write_log(self.paths["log"], self.history)
+
+    def save(self) -> Encoder:
+        """The final model (eval mode) with its provenance; written to `out` by the main process."""
+        model, paths = self.model, self.paths
+        model.eval()
+        model.config.extra["training"] = {
+            **self.signature, **self.weights_info, "epochs": self.epochs,
+            "selection": "last epoch (query labels never used)", "final": self.history[-1] if self.history else None,
+            "device": str(self.device), "amp": str(self.amp_dtype) if self.use_amp else None,
+            "torch": torch.__version__, "python": platform.python_version(), "processes": self.world,
+            "splits_file": os.path.basename(paths["splits"]) if paths and self.splits is not None else None,
+            "log_file": os.path.basename(paths["log"]) if paths else None,
+        }
+        if paths and distributed.is_main():
+            model.save(paths["model"])
+            logger.info("wrote %s", paths["model"])
+        return model
 
 
 def train(
@@ -304,256 +511,26 @@ def train(
         interrupted run is never replaced by accident).
     """
     _check_args(bits, epochs, lr, lr_step, momentum, weight_decay, batch_size, alpha, image_size, workers)
-    if resume and out is None:
-        raise ConfigError("resume needs out, the model path whose checkpoint to continue")
-    if out is not None and not resume and not overwrite:
-        paths = output_paths(out)
-        existing = [paths[k] for k in ("checkpoint", "model") if os.path.exists(paths[k])]
-        if existing:
-            raise ConfigError(f"{existing[0]} exists: resume=True (--resume) continues that training, "
-                              "overwrite=True (--overwrite) starts over")
-    kind = "unsupervised" if unsupervised else ("multi-label" if multi_label else "supervised")
-    if unsupervised and multi_label:
-        raise ConfigError("multi_label applies to supervised training; unsupervised uses no labels")
-    if unsupervised and freeze_backbone is False:
-        raise ConfigError("unsupervised training keeps the backbone frozen: its features are the similarity target")
-    if kind == "unsupervised" and batch_size < 2:
-        raise ConfigError("unsupervised training compares pairs: batch_size must be at least 2")
-    torch_device = _resolve_device(device)
-    world = distributed.world_size()
-    if world > 1:  # launched by torchrun: data parallel, `batch_size` is the batch of all processes together
-        if batch_size % world or (kind == "unsupervised" and batch_size // world < 2):
-            raise ConfigError(f"batch_size {batch_size} is split over {world} processes: use a multiple of {world}"
-                              + (" with at least 2 items per process" if kind == "unsupervised" else ""))
-        torch_device = distributed.device_for_rank(torch_device)
-        distributed.setup(torch_device)
-        progress = progress and distributed.is_main()
-    lr = float(lr if lr is not None else DEFAULT_LR[kind])
-    lr_step = int(lr_step if lr_step is not None else max(1, round(0.6 * epochs)))
-    workers = int(workers if workers is not None else min(4, os.cpu_count() or 1))
-    paths = output_paths(out) if out is not None else None
-    weights = "none" if weights is None else weights
-
-    source, splits = _load_source(data, protocol, seed, root)
-    if backbone is None:
-        backbone = "identity" if source.kind == "features" else "alexnet"
-    if source.kind == "features" and backbone != "identity":
-        raise ConfigError(f"{source.description} holds feature vectors: use backbone 'identity', not {backbone!r}")
-    if source.kind == "images" and backbone == "identity":
-        raise ConfigError(f"{source.description} holds images: the identity backbone takes feature arrays")
-    frozen = bool(unsupervised or backbone == "identity" or freeze_backbone)
-    labels = _labels_tensor(source, kind)
-    num_classes = 0 if kind == "unsupervised" else source.num_classes
-    if kind != "unsupervised" and num_classes < 2:
-        raise DataError(f"{source.description}: supervised training needs at least 2 classes, found {num_classes}")
-    if len(source) < 2:
-        raise DataError(f"{source.description}: need at least 2 training items, found {len(source)}")
-
-    # Everything that determines the result; resuming with different values would not continue the run.
-    signature = {
-        "objective": kind, "bits": int(bits), "backbone": backbone, "weights": os.fspath(weights),
-        "data": source.description, "items": len(source), "protocol": protocol, "seed": int(seed),
-        "freeze_backbone": frozen, "lr": lr, "lr_step": lr_step, "momentum": float(momentum),
-        "weight_decay": float(weight_decay), "batch_size": int(batch_size), "alpha": float(alpha),
-        "image_size": int(image_size), "center": bool(center) if kind == "unsupervised" else None,
-        "augment": bool(augment) and not frozen,
-    }
-    weights_info: dict[str, Any] = {"weights": os.fspath(weights)}
-    if weights not in ("none", "imagenet", None) and os.path.isfile(os.fspath(weights)):
-        weights_info["weights_sha256"] = file_fingerprint(weights)
-
-    start_epoch, history = 0, []
-    if resume:
-        state = _load_checkpoint(paths["checkpoint"])
-        saved = json.loads(state["signature"])
-        diff = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
-        if diff:
-            k = diff[0]
-            raise ConfigError(
-                f"cannot resume {paths['checkpoint']}: {k} was {saved.get(k)!r}, now {signature.get(k)!r}"
-                + (f" (and {len(diff) - 1} more difference(s))" if len(diff) > 1 else "")
-            )
-
-    torch.manual_seed(seed)
-    model = Encoder(backbone, bits, weights=weights,
-                    feature_dim=source.features.shape[1] if source.kind == "features" else None,
-                    image_size=image_size, num_classes=num_classes,
-                    extra={"class_names": list(source.class_names)} if source.class_names and kind != "unsupervised" else None)
-    if frozen:
-        model.backbone.requires_grad_(False)
-    model.to(torch_device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    # lr_step 0 = constant learning rate; a huge step keeps StepLR's (primitive-only) state format.
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step or 10**9, gamma=0.1)
-    use_amp = torch_device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
-
-    def autocast():
-        return torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
-
-    if resume:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        start_epoch, history = int(state["epoch"]), json.loads(state["history"])
-        if start_epoch > epochs:
-            raise ConfigError(f"{paths['checkpoint']} already has {start_epoch} epochs, more than epochs={epochs}")
-        logger.info("resuming %s after epoch %d of %d", paths["checkpoint"], start_epoch, epochs)
-    if paths and splits is not None and distributed.is_main():
-        _write_splits(paths["splits"], splits, protocol, seed, source.description)
-
-    # -- inputs: cached frozen features, or a loader over images ----------------------------------
-    objective = Objective(kind, alpha=alpha)
-    cached = labels_cached = tie_bias = None
-    if frozen and start_epoch < epochs:
-        cached, kept = _extract_features_sharded(model, source, torch_device, max(batch_size, 64), workers, autocast, progress)
-        labels_cached = labels[torch.from_numpy(kept)] if labels is not None else None
-        if kind == "unsupervised" and center:
-            # Centred projection H = W (f - mean): with a free bias, the penalty's easiest minimum is a
-            # constant bit (W_k = 0, bias = +-1); tying the bias to -W mean keeps every bit split
-            # around the mean feature. The bias is folded in after each step, so checkpoints and the
-            # saved encoder compute W f + b as usual.
-            objective.center = tie_bias = cached.double().mean(0).float().to(torch_device)
-            model.hash_layer.bias.requires_grad_(False)  # no gradient, momentum or decay
-            with torch.no_grad():
-                model.hash_layer.bias.copy_(-model.hash_layer.weight @ tie_bias)
-        if torch_device.type == "cuda" and cached.numel() * 4 < 4 << 30:
-            cached = cached.to(torch_device)
-            labels_cached = labels_cached.to(torch_device) if labels_cached is not None else None
-    elif not frozen:
-        c = model.config
-        dataset = ImageDataset(source, _Preprocess(c.image_size, c.mean, c.std), (3, c.image_size, c.image_size))
-
-    # One call per step's forward: plain, or through DistributedDataParallel (gradients all-reduced).
-    forward = lambda fn, *args: fn(*args)  # noqa: E731
-    loss_weight = 1.0
-    if world > 1 and start_epoch < epochs:
-        forward = torch.nn.parallel.DistributedDataParallel(
-            _DDPForward(model), device_ids=[torch_device.index] if torch_device.type == "cuda" else None)
-        batch_size //= world  # from here on: each process's share of a step's batch
-
-    for epoch in range(start_epoch, epochs):
-        rng_seed = _epoch_seed(seed, epoch)
-        gen = torch.Generator().manual_seed(rng_seed)
-        torch.manual_seed(rng_seed)  # dropout and anything else drawing from the global generators
-        stats = _EpochStats(bits, torch_device)
-        skipped = 0
-        t0 = time.perf_counter()
-        n_items = len(cached) if cached is not None else len(source)
-        order = torch.randperm(n_items, generator=gen)
-        if world > 1:  # this process's share of the same permutation (padded to a multiple of world)
-            order = torch.tensor(list(torch.utils.data.DistributedSampler(
-                range(n_items), world, distributed.rank(), shuffle=True, seed=rng_seed)), dtype=torch.long)
-            n_items = len(order)
-        bar = tqdm(total=n_items, unit="img", desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr,
-                   disable=not progress, leave=False)
-        model.train(not frozen)
-        model.backbone.train(not frozen)
-
-        def step(h_raw, features, y):
-            h = h_raw.float()
-            b = greedy_sign(h)
-            terms = objective(h, b, features=features, classifier=model.classifier, labels=y)
-            if not torch.isfinite(terms.total):
-                raise ConfigError(f"training diverged (loss {float(terms.total.detach())} in epoch {epoch + 1}): lower lr or alpha")
-            if loss_weight != 1.0:  # a placeholder step (see below): takes part in the all-reduce only
-                terms = terms._replace(total=terms.total * loss_weight)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(terms.total).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                terms.total.backward()
-                optimizer.step()
-            if tie_bias is not None:
-                with torch.no_grad():
-                    model.hash_layer.bias.copy_(-model.hash_layer.weight @ tie_bias)
-            if loss_weight:
-                stats.add(terms, h)
-
-        if cached is not None:
-            for start in range(0, n_items, batch_size):
-                idx = order[start:start + batch_size].to(cached.device)
-                if kind == "unsupervised" and len(idx) < 2:
-                    continue  # a lone leftover item has no pair
-                f = cached[idx]
-                y = labels_cached[idx] if labels_cached is not None else None
-                if tie_bias is None:
-                    h = forward(model.hash_layer, f)
-                else:  # centred projection W (f - mean); the bias is folded in after the step
-                    h = forward(lambda v: torch.nn.functional.linear(v - tie_bias, model.hash_layer.weight), f)
-                step(h, f, y)
-                bar.update(len(idx))
-        else:
-            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(),
-                                                 num_workers=workers, collate_fn=collate,
-                                                 pin_memory=torch_device.type == "cuda")
-            for idx, x, errors in loader:
-                ok = torch.tensor([not e for e in errors], dtype=torch.bool)
-                flips = torch.rand(len(idx), generator=gen) < 0.5  # drawn for every batch: same stream on resume
-                whole, loss_weight = (x, idx, flips), 1.0
-                if not ok.all():
-                    skipped += int((~ok).sum())
-                    for e in errors:
-                        if e and skipped <= MAX_WARNED_IMAGES:
-                            logger.warning("skipping %s", e)
-                    x, idx, flips = x[ok], idx[ok], flips[ok]
-                if len(idx) < (2 if kind == "unsupervised" else 1):
-                    if world == 1 or len(whole[1]) < (2 if kind == "unsupervised" else 1):
-                        bar.update(len(errors))
-                        continue
-                    # bad images left this process too few: every process must take part in every step's
-                    # all-reduce, so step on the placeholders with weight 0
-                    (x, idx, flips), loss_weight = whole, 0.0
-                if augment:
-                    x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
-                x = x.to(torch_device, non_blocking=True)
-                y = labels[idx].to(torch_device) if labels is not None else None
-                with autocast():
-                    out_ = forward(model, x)
-                step(out_.h, out_.features, y)
-                bar.update(len(errors))
-        bar.close()
-        if world > 1:
-            stats, skipped = _reduce_stats(stats, skipped)
-        if stats.n == 0:
-            raise DataError(f"no usable training items in {source.description}")
-        current_lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "epochs": epochs, "objective": kind, **stats.summary(), "lr": current_lr,
-               "items": stats.n, "skipped": skipped, "seconds": round(seconds, 3),
-               "images_per_s": round(stats.n / seconds, 1) if seconds > 0 else None}
-        history.append(row)
-        logger.info(
-            "epoch %d/%d  loss %.4f  %s %.4f  penalty %.4f  mean|H| %.3f  +1 per bit %.2f-%.2f  lr %.2g  %.1f s (%.0f img/s)",
-            epoch + 1, epochs, row["loss"], kind, row["main"], row["penalty"], row["mean_abs_h"],
-            row["bit_ones_min"], row["bit_ones_max"], current_lr, seconds, row["images_per_s"] or 0,
-        )
-        if paths and distributed.is_main():
-            state = {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "signature": json.dumps(signature, sort_keys=True),
-                     "history": json.dumps(history), "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            _save_checkpoint(paths["checkpoint"], state)
-            _write_log(paths["log"], history)
-
-    model.eval()
-    model.config.extra["training"] = {
-        **signature, **weights_info, "epochs": epochs, "selection": "last epoch (query labels never used)",
-        "final": history[-1] if history else None, "device": str(torch_device), "amp": str(amp_dtype) if use_amp else None,
-        "torch": torch.__version__, "python": platform.python_version(), "processes": world,
-        "splits_file": os.path.basename(paths["splits"]) if paths and splits is not None else None,
-        "log_file": os.path.basename(paths["log"]) if paths else None,
-    }
-    if paths and distributed.is_main():
-        model.save(paths["model"])
-        logger.info("wrote %s", paths["model"])
-    return model
+    _check_outputs(out, resume, overwrite)
+    kind = _objective_kind(unsupervised, multi_label, freeze_backbone, batch_size)
+    torch_device, world, progress = _setup_processes(device, kind, batch_size, progress)
+    run = _TrainingRun(
+        kind=kind, bits=bits, backbone=backbone, weights="none" if weights is None else weights,
+        image_size=image_size, freeze_backbone=freeze_backbone, protocol=protocol, seed=seed, epochs=epochs,
+        lr=float(lr if lr is not None else DEFAULT_LR[kind]),
+        lr_step=int(lr_step if lr_step is not None else max(1, round(0.6 * epochs))),
+        momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, alpha=alpha, center=center,
+        augment=augment, device=torch_device, world=world, progress=progress,
+        workers=int(workers if workers is not None else min(4, os.cpu_count() or 1)),
+        paths=output_paths(out) if out is not None else None,
+    )
+    run.prepare_data(data, root)
+    checkpoint = run.read_checkpoint() if resume else None
+    run.build_model()
+    run.make_optimizer()
+    if checkpoint is not None:
+        run.resume(checkpoint)
+    run.write_splits()
+    run.prepare_inputs()
+    run.run_epochs()
+    return run.save()

@@ -1,0 +1,200 @@
+"""One epoch of `ghindex.train`: a seeded pass over the training items, one optimizer step per batch.
+
+`train_epoch(run, epoch)` reads the state of a `ghindex.train._TrainingRun` (model, optimizer, schedule,
+inputs: cached frozen features or an image dataset) and returns the epoch's summary row. All of its
+randomness (order, flips, dropout) comes from generators seeded with (seed, epoch), which is what makes
+a resumed run reach the same weights. With several processes (torchrun), each takes its share of the
+same permutation and DistributedDataParallel all-reduces the gradients.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm import tqdm
+
+from . import distributed
+from .data import collate
+from .encoder import Encoder
+from .errors import ConfigError, DataError
+from .hashing import greedy_sign
+
+if TYPE_CHECKING:
+    from .train import _TrainingRun
+
+logger = logging.getLogger("ghindex.train")  # one logger for all of training
+
+MAX_WARNED_IMAGES = 5
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of all randomness in `epoch` (0-based) of a run with `seed`."""
+    return (int(seed) * 1_000_003 + int(epoch) * 7919 + 17) % (2**63 - 1)
+
+
+class EpochStats:
+    """Running sums for the per-epoch summary."""
+
+    def __init__(self, bits: int, device):
+        self.n = 0
+        self.loss = self.main = self.penalty = self.abs_h = 0.0
+        self.ones = torch.zeros(bits, dtype=torch.float64, device=device)
+
+    def add(self, terms, h: torch.Tensor) -> None:
+        n = h.shape[0]
+        self.n += n
+        self.loss += float(terms.total.detach()) * n
+        self.main += float(terms.main.detach()) * n
+        self.penalty += float(terms.penalty.detach()) * n
+        h = h.detach()
+        self.abs_h += float(h.abs().mean()) * n
+        self.ones += (h >= 0).sum(0).double()
+
+    def summary(self) -> dict[str, float]:
+        n = max(self.n, 1)
+        ones = (self.ones / n).cpu()
+        return {"loss": self.loss / n, "main": self.main / n, "penalty": self.penalty / n,
+                "mean_abs_h": self.abs_h / n, "bit_ones_min": float(ones.min()), "bit_ones_max": float(ones.max())}
+
+
+def reduce_stats(stats: EpochStats, skipped: int) -> tuple[EpochStats, int]:
+    """Sum the epoch's statistics over all processes (what the log and checkpoint of rank 0 report)."""
+    head = torch.tensor([stats.n, stats.loss, stats.main, stats.penalty, stats.abs_h, skipped], dtype=torch.float64)
+    total = distributed.all_reduce_sum(torch.cat([head, stats.ones.detach().cpu().double()]))
+    stats.n, stats.loss, stats.main, stats.penalty, stats.abs_h = int(total[0]), *map(float, total[1:5])
+    stats.ones = total[6:]
+    return stats, int(total[5])
+
+
+class DDPForward(torch.nn.Module):
+    """What DistributedDataParallel wraps: the encoder, with each step's forward passed in as a function
+    (DDP hooks only `forward`; the steps differ: hash layer on cached features, or the whole model)."""
+
+    def __init__(self, model: Encoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args):
+        return fn(*args)
+
+
+def train_epoch(run: _TrainingRun, epoch: int) -> dict[str, Any]:
+    """One pass over the training items in this epoch's seeded order; logs and returns its summary row."""
+    rng_seed = epoch_seed(run.seed, epoch)
+    gen = torch.Generator().manual_seed(rng_seed)
+    torch.manual_seed(rng_seed)  # dropout and anything else drawing from the global generators
+    stats = EpochStats(run.bits, run.device)
+    t0 = time.perf_counter()
+    n_items = len(run.cached) if run.cached is not None else len(run.source)
+    order = torch.randperm(n_items, generator=gen)
+    if run.world > 1:  # this process's share of the same permutation (padded to a multiple of world)
+        order = torch.tensor(list(torch.utils.data.DistributedSampler(
+            range(n_items), run.world, distributed.rank(), shuffle=True, seed=rng_seed)), dtype=torch.long)
+        n_items = len(order)
+    bar = tqdm(total=n_items, unit="img", desc=f"epoch {epoch + 1}/{run.epochs}", file=sys.stderr,
+               disable=not run.progress, leave=False)
+    run.model.train(not run.frozen)
+    run.model.backbone.train(not run.frozen)
+    if run.cached is not None:
+        skipped = _cached_steps(run, epoch, order, stats, bar)
+    else:
+        skipped = _image_steps(run, epoch, order, gen, stats, bar)
+    bar.close()
+    if run.world > 1:
+        stats, skipped = reduce_stats(stats, skipped)
+    if stats.n == 0:
+        raise DataError(f"no usable training items in {run.source.description}")
+    current_lr = run.optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    seconds = time.perf_counter() - t0
+    row = {"epoch": epoch + 1, "epochs": run.epochs, "objective": run.kind, **stats.summary(), "lr": current_lr,
+           "items": stats.n, "skipped": skipped, "seconds": round(seconds, 3),
+           "images_per_s": round(stats.n / seconds, 1) if seconds > 0 else None}
+    logger.info(
+        "epoch %d/%d  loss %.4f  %s %.4f  penalty %.4f  mean|H| %.3f  +1 per bit %.2f-%.2f  lr %.2g  %.1f s (%.0f img/s)",
+        epoch + 1, run.epochs, row["loss"], run.kind, row["main"], row["penalty"], row["mean_abs_h"],
+        row["bit_ones_min"], row["bit_ones_max"], current_lr, seconds, row["images_per_s"] or 0,
+    )
+    return row
+
+
+def _cached_steps(run: _TrainingRun, epoch: int, order: torch.Tensor, stats: EpochStats, bar) -> int:
+    """The epoch's steps on cached features (hash layer and classifier only); returns 0 (nothing skipped)."""
+    cached, labels_cached, tie_bias, hash_layer = run.cached, run.labels_cached, run.tie_bias, run.model.hash_layer
+    for start in range(0, len(order), run.process_batch):
+        idx = order[start:start + run.process_batch].to(cached.device)
+        if run.kind == "unsupervised" and len(idx) < 2:
+            continue  # a lone leftover item has no pair
+        f = cached[idx]
+        y = labels_cached[idx] if labels_cached is not None else None
+        if tie_bias is None:
+            h = run.forward(hash_layer, f)
+        else:  # centred projection W (f - mean); the bias is folded in after the step
+            h = run.forward(lambda v: torch.nn.functional.linear(v - tie_bias, hash_layer.weight), f)
+        _step(run, epoch, stats, h, f, y)
+        bar.update(len(idx))
+    return 0
+
+
+def _image_steps(run: _TrainingRun, epoch: int, order: torch.Tensor, gen: torch.Generator, stats: EpochStats,
+                 bar) -> int:
+    """The epoch's steps through the whole model on images (flipped at random); returns the number of
+    undecodable images skipped."""
+    device, kind, world, skipped = run.device, run.kind, run.world, 0
+    loader = torch.utils.data.DataLoader(run.dataset, batch_size=run.process_batch, sampler=order.tolist(),
+                                         num_workers=run.workers, collate_fn=collate,
+                                         pin_memory=device.type == "cuda")
+    for idx, x, errors in loader:
+        ok = torch.tensor([not e for e in errors], dtype=torch.bool)
+        flips = torch.rand(len(idx), generator=gen) < 0.5  # drawn for every batch: same stream on resume
+        whole, loss_weight = (x, idx, flips), 1.0
+        if not ok.all():
+            skipped += int((~ok).sum())
+            for e in errors:
+                if e and skipped <= MAX_WARNED_IMAGES:
+                    logger.warning("skipping %s", e)
+            x, idx, flips = x[ok], idx[ok], flips[ok]
+        if len(idx) < (2 if kind == "unsupervised" else 1):
+            if world == 1 or len(whole[1]) < (2 if kind == "unsupervised" else 1):
+                bar.update(len(errors))
+                continue
+            # bad images left this process too few: every process must take part in every step's
+            # all-reduce, so step on the placeholders with weight 0
+            (x, idx, flips), loss_weight = whole, 0.0
+        if run.augment:
+            x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
+        x = x.to(device, non_blocking=True)
+        y = run.labels[idx].to(device) if run.labels is not None else None
+        with run.autocast():
+            out_ = run.forward(run.model, x)
+        _step(run, epoch, stats, out_.h, out_.features, y, loss_weight)
+        bar.update(len(errors))
+    return skipped
+
+
+def _step(run: _TrainingRun, epoch: int, stats: EpochStats, h_raw, features, y, loss_weight: float = 1.0) -> None:
+    """Loss, backward and optimizer step on one batch's H; its statistics unless loss_weight is 0."""
+    h = h_raw.float()
+    b = greedy_sign(h)
+    terms = run.objective(h, b, features=features, classifier=run.model.classifier, labels=y)
+    if not torch.isfinite(terms.total):
+        raise ConfigError(f"training diverged (loss {float(terms.total.detach())} in epoch {epoch + 1}): "
+                          "lower lr or alpha")
+    if loss_weight != 1.0:  # a placeholder step (see _image_steps): takes part in the all-reduce only
+        terms = terms._replace(total=terms.total * loss_weight)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(terms.total).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        terms.total.backward()
+        run.optimizer.step()
+    if run.tie_bias is not None:
+        with torch.no_grad():
+            run.model.hash_layer.bias.copy_(-run.model.hash_layer.weight @ run.tie_bias)
+    if loss_weight:
+        stats.add(terms, h)
