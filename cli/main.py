@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "query": "query:query",
     "eval": "eval:eval_",
     "demo": "demo:demo",
+    "serve": "serve:serve",
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -157,4 +158,7 @@ def format_summary(summary: dict) -> str:
         "",
     ]
     lines += [f"{name:<15} {path}" for name, path in summary["files"].items()]
+    files = summary["files"]
+    lines += ["", "search it in a browser (needs the serve extra, part of `make install`):",
+              f"  ghindex serve --index {shlex.quote(files['index'])} --model {shlex.quote(files['model'])}"]
     return "\n".join(lines)

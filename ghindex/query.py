@@ -191,6 +191,10 @@ class Searcher:
             return -1
         return int(self.db.lookup.rows(np.asarray([id_], np.int64))[0])
 
+    def stored_ids(self) -> np.ndarray:
+        """Every id of the code store, sorted (empty without a store)."""
+        return self.db.lookup.sorted_ids if self.db is not None else np.zeros(0, np.int64)
+
     def item(self, id_: int) -> dict | None:
         """{"id", "label", "label_name", "path"} of a stored id; None when the store lacks it."""
         row = self.row(id_)
@@ -199,6 +203,15 @@ class Searcher:
         label = self.db.label(row)
         return {"id": int(id_), "label": label, "label_name": self.db.label_name(label),
                 "path": self.db.paths([row])[0]}
+
+    def cache_paths(self, max_rows: int = 2_000_000) -> bool:
+        """Keep every path of the code store in memory (a long-lived searcher's neighbours then need no
+        HDF5 read) when it holds paths and at most `max_rows` rows. Returns whether it did."""
+        if self.db is None or not self.store.has_paths or len(self.store) > max_rows:
+            return False
+        if self.db._paths is None:
+            self.db._paths = self.store.paths()
+        return True
 
     def encode(self, images, batch_size: int = 64) -> np.ndarray:
         """Codes of images (paths or PIL images) with the loaded model."""

@@ -28,6 +28,8 @@ def test_demo_runs_end_to_end_and_reports(tmp_path):
     for key in ("model", "database_codes", "query_codes", "report", "grid", "plot_pr"):
         assert Path(summary["files"][key]).exists(), key
     assert "mAP@all of random codes" in format_summary(summary)
+    out = tmp_path / "out"
+    assert format_summary(summary).splitlines()[-1] == f"  ghindex serve --index {out / 'index'} --model {out / 'model.ghm'}"
 
 
 def test_demo_cli_json_and_bad_data(runner, tmp_path):
