@@ -4,6 +4,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -442,6 +443,30 @@ def test_batcher_errors_reach_only_their_caller():
     assert isinstance(failed[0], RuntimeError)
 
 
+def test_batcher_waits_only_for_announced_requests():
+    from ghindex.serve.batching import MicroBatcher
+
+    async def main():
+        b = MicroBatcher(lambda items: [len(items)] * len(items), window_s=5.0, max_size=100)
+        start = time.perf_counter()
+        with b.expecting() as ticket:  # alone: answered without waiting out the 5 s window
+            alone = await b.submit("a", ticket)
+        lone_seconds = time.perf_counter() - start
+
+        async def late(delay):  # announced now, submits after `delay`
+            with b.expecting() as t:
+                await asyncio.sleep(delay)
+                return await b.submit("x", t)
+
+        burst = await asyncio.gather(*(late(d) for d in (0, 0.05, 0.1, 0.15)))
+        await b.stop()
+        return alone, lone_seconds, burst, b.calls
+
+    alone, lone_seconds, burst, calls = asyncio.run(main())
+    assert alone == 1 and lone_seconds < 1.0
+    assert burst == [4, 4, 4, 4] and calls == 2  # the burst waited for its late members: one call
+
+
 # ---- metrics -----------------------------------------------------------------------------------
 def test_metrics_in_prometheus_text(data):
     with TestClient(create_app(data["index"])) as c:
@@ -548,3 +573,19 @@ def test_readme_serve_block_uses_real_options():
             if token.startswith("--"):
                 assert token.split("=")[0] in names, token
 
+
+
+def test_a_non_editable_install_ships_the_package_and_its_page():
+    import fnmatch
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    setuptools = config["tool"]["setuptools"]
+    assert {"ghindex.serve", "ghindex.serve.static"} <= set(setuptools["packages"])
+    patterns = setuptools["package-data"]["ghindex.serve.static"]
+    for f in (ROOT / "ghindex" / "serve" / "static").iterdir():
+        assert any(fnmatch.fnmatch(f.name, p) for p in patterns), f"{f.name} would not be installed"
+    extras = config["project"]["optional-dependencies"]
+    names = {re.split(r"[<>=;\[ ]", d)[0] for d in extras["dev"]}
+    assert {re.split(r"[<>=;\[ ]", d)[0] for d in extras["serve"]} <= names
+    assert {"httpx", "playwright"} <= names

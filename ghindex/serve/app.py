@@ -166,11 +166,12 @@ class Service:
         return out
 
     # ---- what handlers call
-    async def search(self, codes: np.ndarray, meta: list[dict], k: int, radius: int | None) -> list[dict]:
-        return await self.search_batcher.submit(SearchJob(codes, meta, k, radius))
+    async def search(self, codes: np.ndarray, meta: list[dict], k: int, radius: int | None,
+                     ticket=None) -> list[dict]:
+        return await self.search_batcher.submit(SearchJob(codes, meta, k, radius), ticket)
 
-    async def encode(self, images: list) -> np.ndarray:
-        return await self.encode_batcher.submit(images)
+    async def encode(self, images: list, ticket=None) -> np.ndarray:
+        return await self.encode_batcher.submit(images, ticket)
 
     def thumbnail(self, path: str) -> tuple[bytes, str]:
         return self._thumbnail(path)
@@ -458,12 +459,15 @@ def create_app(index, model=None, *, token: str | None = None, max_upload: int =
         `ghindex query --format json`.
         """
         start = time.perf_counter()
-        params = _query_params(request)
-        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            codes, meta, k, radius = await _from_form(request, params, service)
-        else:
-            codes, meta, k, radius = await _from_json(request, params, service)
-        results = await service.search(codes, meta, k, radius)
+        # announced at once, so that a micro-batch forming now waits for this request (see batching)
+        with service.search_batcher.expecting() as ticket:
+            params = _query_params(request)
+            if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+                with service.encode_batcher.expecting() as encode_ticket:
+                    codes, meta, k, radius = await _from_form(request, params, service, encode_ticket)
+            else:
+                codes, meta, k, radius = await _from_json(request, params, service)
+            results = await service.search(codes, meta, k, radius, ticket)
         return JSONResponse({"results": results, "took_ms": round((time.perf_counter() - start) * 1000, 3)})
 
     @app.get("/api/items/{item_id}", response_model=None,
@@ -618,7 +622,7 @@ def _hex_codes(values: list, code_bytes: int) -> np.ndarray:
     return out
 
 
-async def _from_form(request: Request, params: dict, service: Service):
+async def _from_form(request: Request, params: dict, service: Service, ticket=None):
     form = await request.form(max_files=MAX_IMAGES, max_fields=8)
     try:
         fields: dict[str, str] = {}
@@ -649,5 +653,5 @@ async def _from_form(request: Request, params: dict, service: Service):
             images.append(await anyio.to_thread.run_sync(_decode_upload, data, name))
     finally:
         await form.close()
-    codes = await service.encode(images)
+    codes = await service.encode(images, ticket)
     return codes, [query_record(name) for name in names], k, radius

@@ -1,21 +1,43 @@
 """Micro-batching: requests that arrive within a short window become one call in a worker thread.
 
 One `MicroBatcher` per kind of work (searching codes, encoding images). Each request submits its item
-and awaits a future; a single worker task takes the first waiting item, waits `window_s` for more
-(unless the batch cap is already reached), takes what has arrived up to `max_size`, and runs ONE call of
-`run(items)` in a thread: a flat FAISS scan or a network forward is then paid once per batch instead of
-once per request, and neither ever blocks the event loop. While that call runs, new requests queue up
-and form the next batch. `window_s=0, max_size=1` is one-at-a-time serving.
+and awaits a future; a single worker task takes the first waiting item, waits up to `window_s` for
+more, takes what has arrived up to `max_size`, and runs ONE call of `run(items)` in a thread: a flat
+FAISS scan or a network forward is then paid once per batch instead of once per request, and neither
+ever blocks the event loop. While that call runs, new requests queue up and form the next batch.
+`window_s=0, max_size=1` is one-at-a-time serving.
+
+Requests can announce themselves when they arrive (`expecting()`), before their input is parsed and
+checked; the worker then waits only while announced requests are still on their way (never longer than
+the window), so a lone request is not delayed by the window and a burst is not cut short by it.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
 
 log = logging.getLogger(__name__)
+
+
+#: How often a waiting worker looks for announced requests that have arrived.
+POLL_S = 0.0005
+
+
+class _Ticket:
+    def __init__(self, batcher: "MicroBatcher"):
+        self.batcher = batcher
+        self.live = True
+        batcher.announcing = True
+        batcher.coming += 1
+
+    def release(self) -> None:
+        if self.live:
+            self.live = False
+            self.batcher.coming -= 1
 
 
 @dataclass
@@ -47,6 +69,8 @@ class MicroBatcher:
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._carry: _Pending | None = None
+        self.coming = 0  # announced requests that have not submitted (or given up) yet
+        self.announcing = False  # whether anyone uses expecting(): then `coming` bounds the wait
         self.calls = 0  # calls of `run`
         self.items = 0  # items those calls answered
 
@@ -57,8 +81,20 @@ class MicroBatcher:
             self._loop, self._queue, self._carry = loop, asyncio.Queue(), None
             self._task = loop.create_task(self._work(), name=f"ghindex-{self.name}")
 
-    async def submit(self, item) -> Any:
+    @contextlib.contextmanager
+    def expecting(self):
+        """Announce a request that will probably `submit(item, ticket)`; leaving the block (or submitting)
+        withdraws the announcement."""
+        ticket = _Ticket(self)
+        try:
+            yield ticket
+        finally:
+            ticket.release()
+
+    async def submit(self, item, ticket: "_Ticket | None" = None) -> Any:
         """Queue `item` and wait for its result."""
+        if ticket is not None:
+            ticket.release()
         self._ensure_worker()
         future = self._loop.create_future()
         self._queue.put_nowait(_Pending(item, max(1, int(self.size(item))), self.key(item), future))
@@ -74,13 +110,19 @@ class MicroBatcher:
                 pass
 
     async def _next_batch(self) -> list[_Pending]:
-        queue = self._queue
+        queue, loop = self._queue, asyncio.get_running_loop()
         first = self._carry or await queue.get()
         self._carry = None
         batch, total = [first], first.size
-        if self.window_s > 0 and total < self.max_size:
-            await asyncio.sleep(self.window_s)
-        while total < self.max_size and not queue.empty():
+        deadline = loop.time() + self.window_s
+        while total < self.max_size:
+            if queue.empty():
+                remaining = deadline - loop.time()
+                if remaining <= 0 or (self.announcing and self.coming <= 0):
+                    break
+                # announced requests are on their way (or nobody announces): give them a moment
+                await asyncio.sleep(min(remaining, POLL_S) if self.announcing else remaining)
+                continue
             pending = queue.get_nowait()
             if total + pending.size > self.max_size:
                 self._carry = pending  # starts the next batch
