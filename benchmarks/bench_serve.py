@@ -219,6 +219,32 @@ def row(mode: str, r: dict) -> str:
 HEADER = f"{'mode':<14} {'conc':>4} {'answered':>8} {'queries/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6}"
 
 
+def run_modes(index: Path, model: Path | None, bodies, concurrency: list[int], requests: int, args,
+              memory_requests: int = 0) -> tuple[dict, dict | None]:
+    """Each mode's server in turn: a warm-up, then `requests` at each concurrency (and, for the batched
+    mode, `memory_requests` more between two RSS readings). Prints a row per measurement."""
+    rows, memory = {}, None
+    for mode, extra in MODES.items():
+        server = Server(index, extra, model=model, gpu=args.gpu)
+        try:
+            asyncio.run(load(server.port, bodies, 20, 2, args.max_seconds, args.timeout))  # warm-up
+            rows[mode] = []
+            for c in concurrency:
+                r = asyncio.run(load(server.port, bodies, requests, c, args.max_seconds, args.timeout))
+                rows[mode].append(r)
+                print(row(mode, r), flush=True)
+            if mode == "batched" and memory_requests:
+                before = server.rss_mb()
+                r = asyncio.run(load(server.port, bodies, memory_requests, max(concurrency), args.max_seconds,
+                                     args.timeout))
+                after = server.rss_mb()
+                memory = {"rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
+                          "growth_mb": round(after - before, 1), **r}
+        finally:
+            server.stop()
+    return rows, memory
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=1_000_000, help="random 64-bit database codes")
@@ -251,24 +277,8 @@ def main() -> None:
 
     print(f"code queries, k=10, {args.requests:,} requests per row")
     print(HEADER)
-    for mode, extra in MODES.items():
-        server = Server(index, extra, gpu=args.gpu)
-        try:
-            asyncio.run(load(server.port, bodies, 50, 4, args.max_seconds, args.timeout))  # warm-up
-            results["codes"][mode] = []
-            for c in concurrency:
-                r = asyncio.run(load(server.port, bodies, args.requests, c, args.max_seconds, args.timeout))
-                results["codes"][mode].append(r)
-                print(row(mode, r), flush=True)
-            if mode == "batched" and args.memory_requests:
-                before = server.rss_mb()
-                r = asyncio.run(load(server.port, bodies, args.memory_requests, max(concurrency),
-                                     args.max_seconds, args.timeout))
-                after = server.rss_mb()
-                results["memory"] = {"rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
-                                     "growth_mb": round(after - before, 1), **r}
-        finally:
-            server.stop()
+    results["codes"], results["memory"] = run_modes(index, None, bodies, concurrency, args.requests, args,
+                                                    memory_requests=args.memory_requests)
     top = max(concurrency)
     by = {m: {r["concurrency"]: r for r in rows} for m, rows in results["codes"].items()}
     if top in by.get("batched", {}) and top in by.get("one-at-a-time", {}):
@@ -285,17 +295,7 @@ def main() -> None:
         images = image_bodies(args.images)
         print(f"\nimage queries with the demo model ({demo_index}), k=10, {args.image_requests:,} uploads per row")
         print(HEADER.replace("queries/s", " images/s"))
-        for mode, extra in MODES.items():
-            server = Server(demo_index, extra, model=model, gpu=args.gpu)
-            try:
-                asyncio.run(load(server.port, images, 10, 2, args.max_seconds, args.timeout))  # warm-up
-                results["images"][mode] = []
-                for c in image_concurrency:
-                    r = asyncio.run(load(server.port, images, args.image_requests, c, args.max_seconds, args.timeout))
-                    results["images"][mode].append(r)
-                    print(row(mode, r), flush=True)
-            finally:
-                server.stop()
+        results["images"], _ = run_modes(demo_index, model, images, image_concurrency, args.image_requests, args)
     else:
         print(f"\nimage queries skipped: no {model} and {demo_index} (run `make demo`, or pass --demo DIR)")
     results["load_average_after"] = os.getloadavg()

@@ -7,7 +7,6 @@ only, from the paths the code store records; a path is never taken from a reques
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import hmac
@@ -72,7 +71,7 @@ def _bad(message: str) -> ApiError:
 def _int_value(name: str, value, low: int, high: int) -> int:
     if isinstance(value, str):
         text = value.strip()
-        if not re.fullmatch(r"[+-]?\d{1,20}", text):
+        if not re.fullmatch(r"[+-]?[0-9]{1,20}", text):
             raise _bad(f"{name} must be an integer, got {value[:40]!r}")
         value = int(text)
     elif isinstance(value, bool) or not isinstance(value, int):
@@ -414,6 +413,7 @@ def create_app(index, model=None, *, token: str | None = None, max_upload: int =
         docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None,  # their pages load from a CDN
     )
     app.state.service = service
+    app.router.redirect_slashes = False  # /api/health/ is not found rather than redirected (to a Host header)
 
     # ---- errors: always {"error": "..."}
     @app.exception_handler(HTTPException)
