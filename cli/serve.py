@@ -18,7 +18,8 @@ import click
 @click.option("--max-upload", default="20M", show_default=True,
               help="Largest request body (K, M, G = 1024-based); larger uploads get 413 before they are read.")
 @click.option("--batch-window-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True,
-              help="Micro-batching: wait this long after a request for others to search or encode with it.")
+              help="Micro-batching: a search (or image encoding) waits at most this long for requests "
+                   "already arriving to join it in one call.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=256, show_default=True,
               help="Most query codes per index search (images per encoder call: at most 64). "
                    "--batch-window-ms 0 --max-batch 1 serves one request at a time.")
