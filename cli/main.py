@@ -13,6 +13,7 @@ from ghindex.errors import GhindexError
 # name -> "module:attribute" inside this package. Imported on use, so `ghindex info` does not pay
 # for importing torch-heavy training code.
 COMMANDS: dict[str, str] = {
+    "backbones": "backbones:backbones",
     "encode": "encode:encode",
     "info": "info:info",
     "build": "build:build",

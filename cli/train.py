@@ -5,17 +5,18 @@ import json
 
 import click
 
-from ghindex.backbones import BACKBONES
 from ghindex.data import PROTOCOLS
 
 
 @click.command("train")
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--bits", type=int, default=64, show_default=True, help="Code length in bits (multiple of 8).")
-@click.option("--backbone", type=click.Choice(sorted(BACKBONES)), default=None,
-              help="Feature extractor. [default: identity for feature arrays, alexnet for images]")
-@click.option("--weights", default="none", show_default=True,
-              help="Backbone weights: none (random), imagenet (torchvision download), or a state-dict file.")
+@click.option("--backbone", default=None, metavar="NAME",
+              help="Feature extractor: any torchvision classification model, smallcnn or identity (`ghindex "
+                   "backbones` lists them). [default: identity for feature arrays, efficientnet_b0 for images]")
+@click.option("--weights", default=None,
+              help="Backbone weights: imagenet (torchvision's; from the torch hub cache, else downloaded), none "
+                   "(random init), or a state-dict file. [default: imagenet where torchvision has them, else none]")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
               help="Model file to write (.ghm); MODEL.ckpt, MODEL.log.jsonl and MODEL.splits.npz go next to it.")
 @click.option("--root", type=click.Path(exists=True, file_okay=False),
@@ -29,18 +30,31 @@ from ghindex.data import PROTOCOLS
 @click.option("--freeze-backbone/--finetune-backbone", default=None,
               help="Keep backbone weights fixed (features cached once). [default: frozen for --unsupervised, "
                    "fine-tuned otherwise]")
-@click.option("--epochs", type=int, default=50, show_default=True, help="Passes over the training set.")
-@click.option("--lr", type=float, default=None, help="SGD learning rate. [default: 1e-3 supervised, 1e-4 unsupervised]")
+@click.option("--preset", type=click.Choice(["default", "paper"]), default="default", show_default=True,
+              help="Where unset --epochs/--lr/--batch-size/--alpha/--center/--backbone-lr-scale come from: "
+                   "default (chosen by measurement, see README) or paper (GreedyHash's published settings).")
+@click.option("--epochs", type=int, default=None, help="Passes over the training set. [default: by --preset]")
+@click.option("--lr", type=float, default=None, help="SGD learning rate of the hash layer. [default: by --preset]")
 @click.option("--lr-step", type=int, default=None,
               help="Multiply the learning rate by 0.1 every this many epochs; 0 = never. [default: 60% of --epochs]")
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="SGD weight decay.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per step.")
-@click.option("--alpha", type=float, default=0.1, show_default=True,
-              help="Weight of the quantization penalty mean(|H - sgn(H)|^3) (the paper: 0.1 CIFAR, 1 ImageNet).")
+@click.option("--batch-size", type=int, default=None, help="Items per step. [default: by --preset]")
+@click.option("--alpha", type=float, default=None,
+              help="Weight of the quantization penalty mean(|H - sgn(H)|^3). [default: by --preset]")
 @click.option("--image-size", type=int, default=224, show_default=True, help="Inputs are resized to SIZE x SIZE pixels.")
-@click.option("--center/--no-center", default=True, show_default=True,
-              help="Unsupervised: centre features (mean of the training set) for the cosine target and the projection.")
+@click.option("--center/--no-center", default=None,
+              help="Unsupervised: centre features (mean of the training set) for the cosine target and the "
+                   "projection. [default: by --preset: centred, paper: not]")
+@click.option("--backbone-lr-scale", type=float, default=None,
+              help="Fine-tuning: backbone layers learn at --lr times this. [default: by --preset for pretrained "
+                   "weights, 1 for random ones]")
+@click.option("--val-fraction", type=float, default=0.05, show_default=True,
+              help="Held-out slice of the labelled training items (at most 1,000; 0: none) whose retrieval mAP "
+                   "against the other training items is logged.")
+@click.option("--val-every", type=int, default=5, show_default=True,
+              help="Held-out mAP every this many epochs, and after the last.")
+@click.option("--keep-best", is_flag=True, help="Keep the model of the best held-out mAP instead of the last epoch's.")
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Random horizontal flips while fine-tuning (not used with a frozen backbone).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]; mixed precision on CUDA.")

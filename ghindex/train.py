@@ -16,8 +16,19 @@ uninterrupted run with the same seed (bit for bit on CPU).
 
 Frozen backbones (always the case for `identity` and for the unsupervised objective) are run once over
 the training set in eval mode and their features cached; every epoch then only trains the hash layer
-(and classifier), which is why flips are not applied then. Model selection: the model of the last epoch
-is kept; nothing here ever looks at query labels (protocols only contribute their training split).
+(and classifier), which is why flips are not applied then.
+
+Defaults: every setting left as None comes from `PRESETS[preset]` for the kind of run (unsupervised,
+supervised with a frozen backbone, supervised fine-tuning): ``default`` holds the settings chosen by
+measurement on CIFAR-10 (benchmarks/RESULTS.md, "Training defaults"), ``paper`` GreedyHash's published
+ones. Images default to the efficientnet_b0 backbone with its ImageNet weights.
+
+Held-out progress and model selection: a seeded slice of the training items (`val_fraction`, at most
+`MAX_VAL_ITEMS`; never query or test data) is set aside; every `val_every` epochs and after the last
+one, its codes are ranked against those of (at most `MAX_VAL_DATABASE` of) the other training items and
+the mAP goes into the epoch's log row (``val_map``). The model of the last epoch is kept, or with
+`keep_best` the one with the best held-out mAP; query labels are never looked at (protocols only
+contribute their training split).
 
 Layout: `train` checks its arguments, then runs the steps of a `_TrainingRun` in order (prepare_data,
 read_checkpoint, build_model, make_optimizer, resume, write_splits, prepare_inputs, run_epochs, save);
@@ -40,20 +51,42 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .data import DataSource, ImageDataset, cifar_pool, collate, load_data, protocol_splits
+from .backbones import backbone_names, default_weights, probe_backbone
+from .data import ARRAY_EXTENSIONS, DataSource, ImageDataset, cifar_pool, collate, load_data, protocol_splits
 from .device import resolve_device
 from .encoder import Encoder
 from .errors import ConfigError, DataError, ModelFileError
-from .hashing import check_bits
+from .hashing import check_bits, pack_signs
 from .images import image_to_tensor
 from .io import atomic_path, file_fingerprint
 from .losses import Objective
-from .train_epoch import MAX_WARNED_IMAGES, DDPForward, train_epoch
+from .metrics import mean_average_precision
+from .train_epoch import MAX_WARNED_IMAGES, DDPForward, epoch_line, train_epoch
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-DEFAULT_LR = {"supervised": 1e-3, "multi-label": 1e-3, "unsupervised": 1e-4}
+DEFAULT_IMAGE_BACKBONE = "efficientnet_b0"  # ImageNet acc@1 77.7% at 0.39 GFLOPS: see README, "Backbones"
+MAX_VAL_ITEMS = 1000  # held-out slice: val_fraction of the training items, at most this many
+MIN_VAL_ITEMS = 10  # a smaller slice says nothing: no held-out evaluation then
+MAX_VAL_DATABASE = 10_000  # the held-out queries are ranked against at most this many training items
+
+# What `train` fills in for settings left as None, per preset and kind of run ("unsupervised",
+# "frozen": supervised on a frozen backbone, "finetune": supervised through the whole network).
+# "default": chosen on a validation split of CIFAR-10's training set (benchmarks/bench_defaults.py,
+# RESULTS.md "Training defaults"); "paper": GreedyHash's published CIFAR settings (Su et al. 2018).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {
+        "unsupervised": dict(lr=1e-2, alpha=1.0, center=True, epochs=20, batch_size=32, backbone_lr_scale=1.0),
+        "frozen": dict(lr=1e-2, alpha=0.1, center=True, epochs=50, batch_size=32, backbone_lr_scale=1.0),
+        "finetune": dict(lr=1e-3, alpha=0.1, center=True, epochs=50, batch_size=32, backbone_lr_scale=0.1),
+    },
+    "paper": {
+        "unsupervised": dict(lr=1e-4, alpha=0.1, center=False, epochs=50, batch_size=32, backbone_lr_scale=1.0),
+        "frozen": dict(lr=1e-3, alpha=0.1, center=True, epochs=100, batch_size=32, backbone_lr_scale=1.0),
+        "finetune": dict(lr=1e-3, alpha=0.1, center=True, epochs=100, batch_size=32, backbone_lr_scale=1.0),
+    },
+}
 
 
 def output_paths(out: str | os.PathLike) -> dict[str, str]:
@@ -86,8 +119,17 @@ def _load_source(data, protocol: str | None, seed: int, root) -> tuple[DataSourc
     return pool.subset(splits["train"], description=description), splits
 
 
-def _check_args(bits, epochs, lr, lr_step, momentum, weight_decay, batch_size, alpha, image_size, workers):
+def _check_args(bits, epochs, lr, lr_step, momentum, weight_decay, batch_size, alpha, image_size, workers,
+                backbone_lr_scale=1.0, val_fraction=0.0, val_every=1, preset="default"):
     check_bits(bits)
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    if backbone_lr_scale is not None and not (backbone_lr_scale >= 0 and math.isfinite(backbone_lr_scale)):
+        raise ConfigError(f"backbone_lr_scale must be >= 0, got {backbone_lr_scale!r}")
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1) (0: no held-out slice), got {val_fraction!r}")
+    if isinstance(val_every, bool) or not isinstance(val_every, (int, np.integer)) or val_every < 1:
+        raise ConfigError(f"val_every must be a positive integer, got {val_every!r}")
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("image_size", image_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -151,9 +193,10 @@ def _load_checkpoint(path: str) -> dict[str, Any]:
 
 
 def _extract_features(model: Encoder, source: DataSource, device, batch_size: int, workers: int,
-                      autocast, progress: bool) -> tuple[torch.Tensor, np.ndarray]:
-    """Frozen backbone over the whole source once (eval mode). Returns (features float32 on CPU, indices of
-    the items that decoded); bad images are skipped with a warning."""
+                      autocast, progress: bool, fn=None) -> tuple[torch.Tensor, np.ndarray]:
+    """Frozen backbone (or `fn`) over the whole source once (eval mode). Returns (outputs float32 on CPU,
+    indices of the items that decoded); bad images are skipped with a warning."""
+    fn = fn or model.backbone
     if source.kind == "features":
         return torch.from_numpy(np.ascontiguousarray(source.features, dtype=np.float32)), np.arange(len(source))
     c = model.config
@@ -161,7 +204,7 @@ def _extract_features(model: Encoder, source: DataSource, device, batch_size: in
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=collate, pin_memory=device.type == "cuda")
     feats, kept, bad = [], [], 0
-    model.backbone.eval()
+    model.eval()
     with torch.inference_mode(), tqdm(total=len(source), unit="img", desc="caching backbone features",
                                       file=sys.stderr, disable=not progress, leave=False) as bar:
         for idx, x, errors in loader:
@@ -173,7 +216,7 @@ def _extract_features(model: Encoder, source: DataSource, device, batch_size: in
                         logger.warning("skipping %s", e)
             if ok.any():
                 with autocast():
-                    f = model.backbone(x[ok].to(device, non_blocking=True))
+                    f = fn(x[ok].to(device, non_blocking=True))
                 feats.append(f.float().cpu())
                 kept.append(idx[ok].numpy())
             bar.update(len(idx))
@@ -234,6 +277,29 @@ def _setup_processes(device, kind: str, batch_size, progress) -> tuple[torch.dev
     return torch_device, world, progress
 
 
+def _run_group(kind: str, freeze_backbone, backbone, data) -> str:
+    """Which PRESETS entry applies: "unsupervised", "frozen" or "finetune"."""
+    if kind == "unsupervised":
+        return "unsupervised"
+    if freeze_backbone or backbone == "identity":
+        return "frozen"
+    if backbone is None:  # feature arrays get the identity backbone, which is frozen
+        if isinstance(data, DataSource):
+            return "frozen" if data.kind == "features" else "finetune"
+        if os.path.splitext(os.fspath(data))[1].lower() in ARRAY_EXTENSIONS:
+            return "frozen"
+    return "finetune"
+
+
+def _held_out_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(training rows, held-out rows) of n training items, or None when the slice would be too small."""
+    n_val = min(MAX_VAL_ITEMS, int(fraction * n))
+    if n_val < MIN_VAL_ITEMS or n - n_val < 2:
+        return None
+    perm = np.random.default_rng([int(seed), 14]).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
 def _unset():
     return field(init=False, default=None, repr=False)
 
@@ -247,7 +313,7 @@ class _TrainingRun:
     kind: str  # "supervised", "multi-label" or "unsupervised"
     bits: int
     backbone: str | None  # None: chosen by prepare_data from the kind of data
-    weights: str
+    weights: str | None  # None: the backbone's default (imagenet where torchvision has weights)
     image_size: int
     freeze_backbone: bool | None
     protocol: str | None
@@ -266,6 +332,11 @@ class _TrainingRun:
     workers: int
     progress: bool
     paths: dict[str, str] | None  # `output_paths(out)`; None: nothing written
+    backbone_lr_scale: float | None = None  # backbone layers learn at lr * this (new layers at lr); None: preset
+    val_fraction: float = 0.0  # held-out slice of the training items (0: none)
+    val_every: int = 5  # held-out mAP every this many epochs, and after the last
+    keep_best: bool = False  # keep the model of the best held-out mAP instead of the last
+    preset: str = "default"
 
     # prepare_data
     source: DataSource = _unset()
@@ -289,8 +360,15 @@ class _TrainingRun:
     objective: Objective = _unset()
     cached: torch.Tensor | None = _unset()  # frozen: the backbone's features of the training items
     labels_cached: torch.Tensor | None = _unset()  # their labels
+    cached_rows: np.ndarray | None = _unset()  # frozen: which training items `cached` holds (those that decoded)
     tie_bias: torch.Tensor | None = _unset()  # unsupervised, centred: the mean feature the bias is tied to
     dataset: ImageDataset | None = _unset()  # not frozen: the training images
+    # held-out slice (prepare_data, prepare_inputs)
+    val_source: DataSource | None = _unset()  # held-out training items (None: no held-out evaluation)
+    val_labels: np.ndarray | None = _unset()
+    val_cached: torch.Tensor | None = _unset()  # frozen: their backbone features
+    val_db: np.ndarray | None = _unset()  # rows of the training items the held-out queries are ranked against
+    best: dict[str, Any] | None = _unset()  # keep_best: {"epoch", "val_map", "model"}
     # run_epochs
     forward: Any = _unset()  # forward(fn, *args): fn(*args), through DistributedDataParallel with several processes
     process_batch: int = _unset()  # this process's share of a step's batch
@@ -298,9 +376,26 @@ class _TrainingRun:
     def prepare_data(self, data, root) -> None:
         """Training items and labels; the backbone for them; the run's signature."""
         source, self.splits = _load_source(data, self.protocol, self.seed, root)
-        self.source = source
         if self.backbone is None:
-            self.backbone = "identity" if source.kind == "features" else "alexnet"
+            self.backbone = "identity" if source.kind == "features" else DEFAULT_IMAGE_BACKBONE
+        if self.backbone not in backbone_names():
+            probe_backbone(self.backbone)  # the usual unknown-backbone error
+        if self.weights is None:
+            self.weights = default_weights(self.backbone)
+        if self.backbone_lr_scale is None:  # pretrained layers move slower; random ones learn at lr
+            self.backbone_lr_scale = (PRESETS[self.preset]["finetune"]["backbone_lr_scale"]
+                                      if self.weights != "none" else 1.0)
+        if self.backbone != "identity" and source.kind == "images":
+            probe_backbone(self.backbone, self.image_size)  # e.g. ViTs take one input size only: say so now
+        split = (_held_out_split(len(source), self.val_fraction, self.seed)
+                 if self.val_fraction and source.labels is not None else None)
+        self.val_source = self.val_labels = None
+        if split is not None:
+            rows, held = split
+            self.val_source = source.subset(held)
+            self.val_labels = source.labels[held]
+            source = source.subset(rows)
+        self.source = source
         if source.kind == "features" and self.backbone != "identity":
             raise ConfigError(f"{source.description} holds feature vectors: use backbone 'identity', "
                               f"not {self.backbone!r}")
@@ -324,6 +419,9 @@ class _TrainingRun:
             "weight_decay": float(self.weight_decay), "batch_size": int(self.batch_size), "alpha": float(self.alpha),
             "image_size": int(self.image_size), "center": bool(self.center) if kind == "unsupervised" else None,
             "augment": bool(self.augment) and not self.frozen,
+            "backbone_lr_scale": float(self.backbone_lr_scale) if not self.frozen else None,
+            "val_items": len(self.val_source) if self.val_source is not None else 0,
+            "val_every": int(self.val_every), "keep_best": bool(self.keep_best),
         }
         self.weights_info = {"weights": os.fspath(self.weights)}
         if self.weights not in ("none", "imagenet", None) and os.path.isfile(os.fspath(self.weights)):
@@ -358,8 +456,12 @@ class _TrainingRun:
 
     def make_optimizer(self) -> None:
         """SGD over the trained parameters, the step schedule, and mixed precision on CUDA."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if not n.startswith("backbone.")], "lr": self.lr}]
+        backbone = [p for n, p in named if n.startswith("backbone.")]
+        if backbone:  # pretrained layers move slower than the new hash layer and classifier
+            groups.append({"params": backbone, "lr": self.lr * self.backbone_lr_scale})
+        self.optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         # lr_step 0 = constant learning rate; a huge step keeps StepLR's (primitive-only) state format.
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=self.lr_step or 10**9, gamma=0.1)
         self.use_amp = use_amp = self.device.type == "cuda"
@@ -379,6 +481,9 @@ class _TrainingRun:
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         self.start_epoch, self.history = int(state["epoch"]), json.loads(state["history"])
+        if "best_model" in state:
+            self.best = {"epoch": int(state["best_epoch"]), "val_map": float(state["best_val_map"]),
+                         "model": state["best_model"]}
         if self.start_epoch > self.epochs:
             raise ConfigError(f"{self.paths['checkpoint']} already has {self.start_epoch} epochs, "
                               f"more than epochs={self.epochs}")
@@ -396,6 +501,7 @@ class _TrainingRun:
         if self.frozen and self.start_epoch < self.epochs:
             cached, kept = _extract_features_sharded(model, self.source, device, max(self.batch_size, 64), self.workers,
                                                      self.autocast, self.progress)
+            self.cached_rows = kept
             labels_cached = self.labels[torch.from_numpy(kept)] if self.labels is not None else None
             if self.kind == "unsupervised" and self.center:
                 # Centred projection H = W (f - mean): with a free bias, the penalty's easiest minimum is a
@@ -414,6 +520,35 @@ class _TrainingRun:
             c = model.config
             self.dataset = ImageDataset(self.source, _Preprocess(c.image_size, c.mean, c.std),
                                         (3, c.image_size, c.image_size))
+        if self.val_source is not None and self.start_epoch < self.epochs:
+            n = len(self.cached) if self.cached is not None else len(self.source)
+            rng = np.random.default_rng([int(self.seed), 15])
+            self.val_db = np.sort(rng.choice(n, MAX_VAL_DATABASE, replace=False)) if n > MAX_VAL_DATABASE else np.arange(n)
+            if self.frozen:
+                val, kept = _extract_features_sharded(model, self.val_source, device, max(self.batch_size, 64),
+                                                      self.workers, self.autocast, False)
+                self.val_cached, self.val_labels = val.to(self.cached.device), self.val_labels[kept]
+
+    def held_out_map(self) -> float:
+        """mAP@all of the held-out items' codes ranked against (a fixed sample of) the training items'."""
+        model = self.model
+        model.eval()
+        with torch.inference_mode():
+            if self.frozen:
+                hash_rows = lambda f: np.concatenate([pack_signs(model.hash_layer(f[i:i + 8192]))  # noqa: E731
+                                                      for i in range(0, len(f), 8192)])
+                query = hash_rows(self.val_cached)
+                database = hash_rows(self.cached[torch.from_numpy(self.val_db).to(self.cached.device)])
+                db_labels = self.source.labels[self.cached_rows[self.val_db]]
+                query_labels = self.val_labels
+            else:
+                fn = lambda x: model.hash(x)  # noqa: E731
+                args = (self.device, max(self.batch_size, 64), self.workers, self.autocast, False)
+                h, kept_q = _extract_features(model, self.val_source, *args, fn=fn)
+                query, query_labels = pack_signs(h), self.val_labels[kept_q]
+                h, kept_db = _extract_features(model, self.source.subset(self.val_db), *args, fn=fn)
+                database, db_labels = pack_signs(h), self.source.labels[self.val_db[kept_db]]
+        return mean_average_precision(query, database, query_labels, db_labels)
 
     def run_epochs(self) -> None:
         """Epochs start_epoch+1..epochs, each recorded (checkpointed) as it ends."""
@@ -426,6 +561,13 @@ class _TrainingRun:
             self.process_batch = self.batch_size // self.world
         for epoch in range(self.start_epoch, self.epochs):
             row = train_epoch(self, epoch)
+            if self.val_source is not None and ((epoch + 1) % self.val_every == 0 or epoch + 1 == self.epochs) \
+                    and distributed.is_main():
+                row["val_map"] = self.held_out_map()
+                if self.keep_best and (self.best is None or row["val_map"] > self.best["val_map"]):
+                    self.best = {"epoch": epoch + 1, "val_map": row["val_map"],
+                                 "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
+            logger.info("%s", epoch_line(row))
             self.record_epoch(row)
 
     def record_epoch(self, row: dict[str, Any]) -> None:
@@ -439,6 +581,9 @@ class _TrainingRun:
                      "rng": torch.get_rng_state()}
             if self.scaler is not None:
                 state["scaler"] = self.scaler.state_dict()
+            if self.best is not None:
+                state.update(best_epoch=self.best["epoch"], best_val_map=self.best["val_map"],
+                             best_model=self.best["model"])
             _save_checkpoint(self.paths["checkpoint"], state)
             _write_log(self.paths["log"], self.history)
 
@@ -446,9 +591,14 @@ class _TrainingRun:
         """The final model (eval mode) with its provenance; written to `out` by the main process."""
         model, paths = self.model, self.paths
         model.eval()
+        selection = "last epoch (query labels never used)"
+        if self.keep_best and self.best is not None:
+            model.load_state_dict(self.best["model"])
+            selection = (f"best held-out mAP {self.best['val_map']:.4f}, epoch {self.best['epoch']} "
+                         "(query labels never used)")
         model.config.extra["training"] = {
-            **self.signature, **self.weights_info, "epochs": self.epochs,
-            "selection": "last epoch (query labels never used)", "final": self.history[-1] if self.history else None,
+            **self.signature, **self.weights_info, "epochs": self.epochs, "preset": self.preset,
+            "selection": selection, "final": self.history[-1] if self.history else None,
             "device": str(self.device), "amp": str(self.amp_dtype) if self.use_amp else None,
             "torch": torch.__version__, "python": platform.python_version(), "processes": self.world,
             "splits_file": os.path.basename(paths["splits"]) if paths and self.splits is not None else None,
@@ -464,7 +614,7 @@ def train(
     data,
     bits: int = 64,
     backbone: str | None = None,
-    weights: str = "none",
+    weights: str | None = None,
     out: str | os.PathLike | None = None,
     *,
     root: str | os.PathLike | None = None,
@@ -473,16 +623,21 @@ def train(
     protocol: str | None = None,
     seed: int = 0,
     freeze_backbone: bool | None = None,
-    epochs: int = 50,
+    preset: str = "default",
+    epochs: int | None = None,
     lr: float | None = None,
     lr_step: int | None = None,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
-    batch_size: int = 32,
-    alpha: float = 0.1,
+    batch_size: int | None = None,
+    alpha: float | None = None,
     image_size: int = 224,
-    center: bool = True,
+    center: bool | None = None,
     augment: bool = True,
+    backbone_lr_scale: float | None = None,
+    val_fraction: float = 0.05,
+    val_every: int = 5,
+    keep_best: bool = False,
     device: str = "auto",
     workers: int | None = None,
     resume: bool = False,
@@ -494,35 +649,54 @@ def train(
     data: image folder, list file (with `root`), `.npz`/`.h5` feature array (identity backbone), a
         `DataSource`, or with `protocol` a CIFAR-style folder (train/<class>/, test/<class>/) whose
         training split is used (`seed` fixes the split).
-    backbone: a name from `ghindex.backbones.BACKBONES`; default ``identity`` for feature arrays and
-        ``alexnet`` (the paper's) for images. weights: ``none``, ``imagenet`` or a state-dict file.
+    backbone: ``smallcnn``, ``identity`` or any torchvision classification model
+        (`ghindex.backbones.backbone_names()`); default ``identity`` for feature arrays and
+        ``efficientnet_b0`` for images. weights: ``imagenet`` (torchvision's DEFAULT weights, the
+        default wherever they exist), ``none`` (random init) or a state-dict file.
     unsupervised: cosine-preservation objective (backbone frozen, labels unused); otherwise
         cross-entropy of a bias-free classifier on the codes, or BCE with `multi_label`.
     freeze_backbone: default False for supervised, always True for unsupervised.
-    lr: default 1e-3 supervised / 1e-4 unsupervised; multiplied by 0.1 every `lr_step` epochs
-        (default: once, after 60% of `epochs`; 0: never). SGD with `momentum`, `weight_decay`.
+    preset: where the settings left as None come from: ``default`` (measured, see PRESETS) or
+        ``paper`` (GreedyHash's published settings). Applies to epochs, lr, batch_size, alpha,
+        center and backbone_lr_scale.
+    lr: multiplied by 0.1 every `lr_step` epochs (default: once, after 60% of `epochs`; 0: never).
+        SGD with `momentum`, `weight_decay`. backbone_lr_scale: fine-tuned backbone layers learn at
+        lr * this (1 when the backbone starts from random weights).
     alpha: weight of the quantization penalty mean(|H - sgn(H)|^3).
     center: unsupervised only: subtract the mean training feature before taking cosines, and
         project centred features (hash-layer bias tied to -W mean, so bits stay balanced).
     augment: random horizontal flips while fine-tuning (never applied to cached frozen features).
+    val_fraction: held-out slice of the (labelled) training items, at most 1,000, whose mAP against
+        the rest is logged every `val_every` epochs and after the last (0: none; slices under 10
+        items are not made). keep_best: keep the model of the best held-out mAP, not the last.
     out: model path; also writes MODEL.ckpt, MODEL.log.jsonl and (protocol) MODEL.splits.npz.
     resume: continue from MODEL.ckpt (same arguments; `epochs` may grow).
     overwrite: start over even if `out` or its checkpoint exists (otherwise that is an error, so an
         interrupted run is never replaced by accident).
     """
-    _check_args(bits, epochs, lr, lr_step, momentum, weight_decay, batch_size, alpha, image_size, workers)
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    kind = "unsupervised" if unsupervised else ("multi-label" if multi_label else "supervised")
+    group = _run_group(kind, freeze_backbone, backbone, data)
+    chosen = PRESETS[preset][group]
+    pick = lambda value, key: chosen[key] if value is None else value  # noqa: E731
+    epochs, lr, batch_size, alpha = pick(epochs, "epochs"), pick(lr, "lr"), pick(batch_size, "batch_size"), pick(alpha, "alpha")
+    center = pick(center, "center")
+    _check_args(bits, epochs, lr, lr_step, momentum, weight_decay, batch_size, alpha, image_size, workers,
+                backbone_lr_scale, val_fraction, val_every, preset)
     _check_outputs(out, resume, overwrite)
     kind = _objective_kind(unsupervised, multi_label, freeze_backbone, batch_size)
     torch_device, world, progress = _setup_processes(device, kind, batch_size, progress)
     run = _TrainingRun(
-        kind=kind, bits=bits, backbone=backbone, weights="none" if weights is None else weights,
+        kind=kind, bits=bits, backbone=backbone, weights=weights,
         image_size=image_size, freeze_backbone=freeze_backbone, protocol=protocol, seed=seed, epochs=epochs,
-        lr=float(lr if lr is not None else DEFAULT_LR[kind]),
-        lr_step=int(lr_step if lr_step is not None else max(1, round(0.6 * epochs))),
-        momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, alpha=alpha, center=center,
+        lr=float(lr), lr_step=int(lr_step if lr_step is not None else max(1, round(0.6 * epochs))),
+        momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, alpha=alpha, center=bool(center),
         augment=augment, device=torch_device, world=world, progress=progress,
         workers=int(workers if workers is not None else min(4, os.cpu_count() or 1)),
         paths=output_paths(out) if out is not None else None,
+        backbone_lr_scale=backbone_lr_scale, val_fraction=float(val_fraction), val_every=int(val_every),
+        keep_best=bool(keep_best), preset=preset,
     )
     run.prepare_data(data, root)
     checkpoint = run.read_checkpoint() if resume else None

@@ -113,12 +113,18 @@ def train_epoch(run: _TrainingRun, epoch: int) -> dict[str, Any]:
     row = {"epoch": epoch + 1, "epochs": run.epochs, "objective": run.kind, **stats.summary(), "lr": current_lr,
            "items": stats.n, "skipped": skipped, "seconds": round(seconds, 3),
            "images_per_s": round(stats.n / seconds, 1) if seconds > 0 else None}
-    logger.info(
-        "epoch %d/%d  loss %.4f  %s %.4f  penalty %.4f  mean|H| %.3f  +1 per bit %.2f-%.2f  lr %.2g  %.1f s (%.0f img/s)",
-        epoch + 1, run.epochs, row["loss"], run.kind, row["main"], row["penalty"], row["mean_abs_h"],
-        row["bit_ones_min"], row["bit_ones_max"], current_lr, seconds, row["images_per_s"] or 0,
-    )
     return row
+
+
+def epoch_line(row: dict[str, Any]) -> str:
+    """The one-line summary of an epoch's log row (with its held-out mAP when it has one)."""
+    line = (f"epoch {row['epoch']}/{row['epochs']}  loss {row['loss']:.4f}  {row['objective']} {row['main']:.4f}  "
+            f"penalty {row['penalty']:.4f}  mean|H| {row['mean_abs_h']:.3f}  "
+            f"+1 per bit {row['bit_ones_min']:.2f}-{row['bit_ones_max']:.2f}  lr {row['lr']:.2g}  "
+            f"{row['seconds']:.1f} s ({row['images_per_s'] or 0:.0f} img/s)")
+    if row.get("val_map") is not None:
+        line += f"  held-out mAP {row['val_map']:.4f}"
+    return line
 
 
 def _cached_steps(run: _TrainingRun, epoch: int, order: torch.Tensor, stats: EpochStats, bar) -> int:

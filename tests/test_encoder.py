@@ -74,7 +74,7 @@ def test_identity_backbone_encodes_features():
 
 
 def test_unknown_backbone_lists_known():
-    with pytest.raises(ConfigError, match="known: .*alexnet"):
+    with pytest.raises(ConfigError, match="did you mean alexnet.*known: .*torchvision"):
         ghindex.Encoder("alexnett", 64)
 
 
