@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/bench_index.py --parts flat     # 1M x 64-bit and 48-bit flat bars only
     .venv/bin/python benchmarks/bench_index.py --parts ivf --n-ivf 1000000   # smaller IVF run
     .venv/bin/python benchmarks/bench_index.py --parts gpu      # needs faiss-gpu and a CUDA device
+    .venv/bin/python benchmarks/bench_index.py lifecycle --n 10000000   # add 10% vs rebuild (issue 16)
+    .venv/bin/python benchmarks/bench_index.py tune --n 10000000        # tuned nprobe on held-out queries
 
 Bars:
 1. 1M random 64-bit codes, 1,000 queries, k=10: ghindex flat search >= 0.95x the throughput of a bare
@@ -14,6 +16,13 @@ Bars:
    of the query's 10th nearest neighbour. The codes go through the real pipeline: HDF5 code store ->
    `ghindex.index.build(index_key="auto")` -> `Index.load`.
 4. (GPU machines only) GpuIndexBinaryFlat equals CPU results; throughput at 1M / 10M with 10k queries.
+5. `lifecycle` (issue 16): N codes of the mixture in an IVF index; `ghindex.index.add` of N/10 more
+   codes of the same mixture against rebuilding the index over all N + N/10 (time), their drift
+   against the build, recall of the grown and the rebuilt index on fresh queries at the same nprobe,
+   and `remove` of N/1000 ids.
+6. `tune` (issue 16): `build(target_recall=R)` on N codes; the chosen nprobe's recall@10 on a separate
+   set of fresh queries must be within 0.01 of R (more targets are tuned on the same index with the
+   same code path).
 
 How the structured codes are made (part 3): SimHash of a Gaussian mixture, i.e. codes = sign(W x)
 packed LSB-first, with W a fixed random 128x64 Gaussian projection and x = c_j + s_j * e, e ~ N(0, I)
@@ -178,6 +187,129 @@ def part_ivf(rng, n, n_queries, workdir, lines, nprobes, key="auto", params=()):
         print(lines[-1], file=sys.stderr)
 
 
+def mixture(rng, dim=128, bits=64, n_centres=20_000):
+    """The fixed parts of the mixture: projection, centres, spreads (drawn in this order from rng)."""
+    projection = rng.standard_normal((dim, bits), dtype=np.float32)
+    centres = rng.standard_normal((n_centres, dim), dtype=np.float32)
+    spreads = rng.uniform(0.3, 0.9, n_centres).astype(np.float32)
+    return projection, centres, spreads
+
+
+def write_store(path, rng, n, parts, first_id=0, source="bench_index: SimHash of a Gaussian mixture"):
+    with CodeStore.create(path, 64, source=source, encoder_fingerprint="bench") as store:
+        written = 0
+        for codes in structured_codes(rng, n, *parts):
+            store.append(codes, np.arange(first_id + written, first_id + written + len(codes)))
+            written += len(codes)
+        store.mark_complete()
+
+
+def exact_kth(store_path, queries, k=K):
+    """Exact k-th neighbour distance of each query over the store's live codes."""
+    from ghindex.index.tuning import exact_knn_distances
+
+    with CodeStore.open(store_path) as store:
+        live = ~store.deleted()
+        chunks = (b.codes[live[i * 2**20:(i + 1) * 2**20]]
+                  for i, b in enumerate(store.iter_chunks(rows=2**20, paths=False)))
+        return exact_knn_distances(queries, chunks, k, 8)[:, k - 1]
+
+
+def recall_of(index, queries, kth, k=K):
+    from ghindex.index.tuning import recall_at
+
+    return recall_at(index, queries, kth, k)
+
+
+def part_lifecycle(n, n_queries, workdir, key, lines):
+    from ghindex.index import add, remove
+
+    rng = np.random.default_rng(0)
+    parts = mixture(rng)
+    work = Path(workdir)
+    m = n // 10
+    start = time.perf_counter()
+    write_store(work / "codes.h5", rng, n, parts)
+    write_store(work / "new.h5", rng, m, parts)
+    queries = next(structured_codes(rng, n_queries, *parts))
+    t_stores = time.perf_counter() - start
+
+    start = time.perf_counter()
+    meta = build(work / "codes.h5", work / "ivf", index_key=key)
+    t_build = time.perf_counter() - start
+    nprobe = meta["params"]["nprobe"]
+    start = time.perf_counter()
+    added = add(work / "ivf", codes=work / "new.h5")
+    t_add = time.perf_counter() - start
+    start = time.perf_counter()
+    rebuilt = build(work / "codes.h5", work / "rebuilt", index_key=meta["index_key"])
+    t_rebuild = time.perf_counter() - start
+    kth = exact_kth(work / "codes.h5", queries)
+    grown, fresh_index = Index.load(work / "ivf", gpu="off"), Index.load(work / "rebuilt", gpu="off")
+    r_grown, r_rebuilt = recall_of(grown, queries, kth), recall_of(fresh_index, queries, kth)
+    del grown, fresh_index
+    doomed = np.random.default_rng(1).choice(n + m, size=max(1, n // 1000), replace=False)
+    start = time.perf_counter()
+    removed = remove(work / "ivf", ids=doomed.tolist())
+    t_remove = time.perf_counter() - start
+    drift = added["drift"]
+    lines += [
+        "", f"### Lifecycle: {n:,} codes + {m:,} added, {meta['index_key']}, nprobe {nprobe}, "
+            f"{n_queries:,} fresh queries, k = {K}", "",
+        f"Stores written in {t_stores:.0f} s. Build over {n:,}: {t_build:.1f} s (train_size {meta['train_size']:,}).",
+        "",
+        "| step | seconds | notes |",
+        "|---|---|---|",
+        f"| `add` {m:,} codes (store copy + append, lists, meta, fingerprints) | {t_add:.1f} | drift x"
+        f"{drift['last_add_ratio']:.3f} of the build's {drift['build_mean_distance']:.2f} bits, rebuild "
+        f"{'recommended' if added['rebuild_recommended'] else 'not needed'}; recall@{K} {r_grown:.3f} |",
+        f"| rebuild over {n + m:,} codes | {t_rebuild:.1f} | recall@{K} {r_rebuilt:.3f} at the same nprobe "
+        f"({rebuilt['index_key']}) |",
+        f"| `remove` {len(doomed):,} ids | {t_remove:.1f} | ntotal {removed['ntotal']:,} |",
+        "",
+        f"add / rebuild time: {t_add / t_rebuild:.2f}",
+    ]
+    print("\n".join(lines[-9:]), file=sys.stderr)
+
+
+def part_tune(n, n_queries, workdir, key, targets, tune_queries, lines):
+    from ghindex.index.builder import _live_chunks
+    from ghindex.index.tuning import tune_from_database
+
+    rng = np.random.default_rng(0)
+    parts = mixture(rng)
+    work = Path(workdir)
+    write_store(work / "codes.h5", rng, n, parts)
+    held_out = next(structured_codes(rng, n_queries, *parts))  # never in the database or the tuning sample
+    start = time.perf_counter()
+    meta = build(work / "codes.h5", work / "ivf", index_key=key, target_recall=targets[0], tune_queries=tune_queries)
+    t_build = time.perf_counter() - start
+    kth = exact_kth(work / "codes.h5", held_out)
+    index = Index.load(work / "ivf", gpu="off")
+    lines += [
+        "", f"### Tuned nprobe: {n:,} codes, {meta['index_key']}, recall@{K} targets, {tune_queries:,} database "
+            f"codes as tuning queries (leave-one-out), {n_queries:,} separate fresh queries", "",
+        f"`build(target_recall={targets[0]})` took {t_build:.1f} s, of which tuning "
+        f"{meta['tuning']['seconds'] + meta['tuning']['exact_seconds']:.1f} s (exact neighbours of the sample "
+        f"{meta['tuning']['exact_seconds']:.1f} s).",
+        "",
+        "| target | nprobe | recall, tuning sample | recall, held-out queries | held-out - target | queries/s | bar (within 0.01) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    with CodeStore.open(work / "codes.h5") as store:
+        chunks = _live_chunks(store, work / "codes.h5", 2**20)
+        for target in targets:
+            tuning = meta["tuning"] if target == targets[0] else tune_from_database(
+                index, chunks, len(store), target, K, tune_queries)
+            index.nprobe = tuning["value"]
+            held = recall_of(index, held_out, kth)
+            qps, _ = timed_qps(lambda q: index.search(q, K), held_out, 3)
+            verdict = "met" if abs(held - target) <= 0.01 or held >= target else "NOT met"
+            lines.append(f"| {target} | {tuning['value']} | {tuning['recall']:.4f} | {held:.4f} | {held - target:+.4f} "
+                         f"| {qps:,.0f} | {verdict} |")
+            print(lines[-1], file=sys.stderr)
+
+
 def part_gpu(rng, lines, n_queries=10_000):
     if gpu_count() == 0:
         lines += ["", "### GPU", "", "Not run: FAISS sees no GPU on this machine (faiss.get_num_gpus() == 0)."]
@@ -198,7 +330,19 @@ def part_gpu(rng, lines, n_queries=10_000):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # (no abbreviations: `lifecycle --n` must not read as a prefix of --n-flat / --n-ivf / --nprobes)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command")
+    for name, helptext in (("lifecycle", "add N/10 codes to an IVF index vs rebuilding it"),
+                           ("tune", "build --target-recall, then recall on held-out queries")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--n", type=int, default=10_000_000, help="database codes [10,000,000]")
+        p.add_argument("--queries", type=int, default=1000, help="fresh queries [1,000]")
+        p.add_argument("--index-key", default="BIVF", help="IVF key [BIVF: nlist from N]")
+        p.add_argument("--workdir", default=None, help="Where stores and indexes go [a temp dir]")
+        if name == "tune":
+            p.add_argument("--targets", default="0.9,0.95,0.99", help="recall@10 targets [0.9,0.95,0.99]")
+            p.add_argument("--tune-queries", type=int, default=1000, help="database codes sampled to tune [1,000]")
     parser.add_argument("--parts", default="flat,ivf,gpu")
     parser.add_argument("--n-flat", type=int, default=1_000_000)
     parser.add_argument("--n-ivf", type=int, default=10_000_000)
@@ -209,6 +353,22 @@ def main():
     parser.add_argument("--nprobes", default="1,2,4,8,16,32,64,128,256")
     parser.add_argument("--workdir", default=None, help="Where the store and indexes go [a temp dir]")
     args = parser.parse_args()
+    if args.command in ("lifecycle", "tune"):
+        import logging
+
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+        lines = [f"## Index lifecycle (benchmarks/bench_index.py {args.command} --n {args.n})", "",
+                 f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; FAISS "
+                 f"{faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads; date: "
+                 f"{time.strftime('%Y-%m-%d %H:%M')}; load average {os.getloadavg()[0]:.1f} at the start."]
+        with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+            if args.command == "lifecycle":
+                part_lifecycle(args.n, args.queries, workdir, args.index_key, lines)
+            else:
+                part_tune(args.n, args.queries, workdir, args.index_key,
+                          [float(t) for t in args.targets.split(",")], args.tune_queries, lines)
+        print("\n".join(lines))
+        return
     parts = args.parts.split(",")
     rng = np.random.default_rng(0)
     machine = ("2-core x86_64 CPU, 24 GiB, no GPU" if gpu_count() == 0

@@ -27,9 +27,17 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the IVF training sample and k-means.")
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=None,
               help="Codes read from the store per chunk. [default: the store's, about 32 MiB]")
+@click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="R",
+              help="IVF / HNSW: choose the smallest nprobe / efSearch whose tie-aware recall@K, measured on "
+                   "database codes sampled as queries against exact search, reaches R (e.g. 0.95).")
+@click.option("--target-k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="K of the recall target.")
+@click.option("--tune-queries", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Database codes sampled (seeded by --seed) as queries for --target-recall.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="Output format of the summary on stdout.")
-def build(codes, out, index_key, index_param, gpu, max_memory, overwrite, seed, chunk_rows, fmt):
+def build(codes, out, index_key, index_param, gpu, max_memory, overwrite, seed, chunk_rows, target_recall, target_k,
+          tune_queries, fmt):
     """Build a FAISS binary index from a code store.
 
     Reads the store in chunks and keeps its ids. The memory the index needs is estimated and logged
@@ -39,7 +47,8 @@ def build(codes, out, index_key, index_param, gpu, max_memory, overwrite, seed, 
     from ghindex.index import build as build_fn
 
     meta = build_fn(codes, out, index_key=index_key, index_param=index_param, gpu=gpu,
-                    max_memory=max_memory, overwrite=overwrite, seed=seed, chunk_rows=chunk_rows)
+                    max_memory=max_memory, overwrite=overwrite, seed=seed, chunk_rows=chunk_rows,
+                    target_recall=target_recall, target_k=target_k, tune_queries=tune_queries)
     if fmt == "json":
         click.echo(json.dumps(meta, sort_keys=True))
         return
@@ -54,6 +63,15 @@ def build(codes, out, index_key, index_param, gpu, max_memory, overwrite, seed, 
         ("encoder_fingerprint", meta["encoder_fingerprint"] or "-"),
         ("build_seconds", meta["build_seconds"]),
     ]
+    if meta.get("tuning"):
+        rows.insert(5, ("tuning", _tuning_text(meta["tuning"])))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")
+
+
+def _tuning_text(tuning: dict) -> str:
+    met = "" if tuning["target_met"] else " (target NOT reached)"
+    return (f"{tuning['param']}={tuning['value']}: recall@{tuning['k']} {tuning['recall']:.4f} "
+            f"(target {tuning['target_recall']}){met}, {tuning['queries_per_second']:,.0f} queries/s "
+            f"on {tuning['queries']:,} sampled codes")

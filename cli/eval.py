@@ -36,9 +36,14 @@ class TopK(click.ParamType):
               help="Write the full result (metrics, curves, provenance) as JSON here.")
 @click.option("--plot", type=click.Path(), default=None, metavar="PREFIX",
               help="Write PREFIX-pr.png (precision-recall over radius) and PREFIX-pn.png (precision@N).")
+@click.option("--recall", "recall", type=click.IntRange(min=1), default=None, is_flag=False, flag_value=10,
+              metavar="[K]",
+              help="Also the index's tie-aware recall@K (default K 10) against exact search, and its "
+                   "queries/s. Alone when the stores have no labels or the index is approximate and "
+                   "--topk is all.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="Output on stdout: a table for people or the result as JSON.")
-def eval_(queries, index, database, topk, radius, report, plot, fmt):
+def eval_(queries, index, database, topk, radius, report, plot, recall, fmt):
     """Retrieval metrics of query codes against database codes, directly or through an index.
 
     mAP@K (ties by database position, and tie-averaged), precision/recall@1,10,100,1000,
@@ -48,7 +53,8 @@ def eval_(queries, index, database, topk, radius, report, plot, fmt):
     """
     from ghindex.evaluate import evaluate, format_table
 
-    result = evaluate(queries, database=database, index=index, topk=topk, radius=radius, report=report, plot=plot)
+    result = evaluate(queries, database=database, index=index, topk=topk, radius=radius, report=report, plot=plot,
+                      recall=recall)
     if fmt == "json":
         click.echo(json.dumps(result))
     else:

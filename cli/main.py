@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "eval": "eval:eval_",
     "demo": "demo:demo",
     "serve": "serve:serve",
+    "add": "add:add",
+    "remove": "remove:remove",
 }
 
 

@@ -91,13 +91,18 @@ def _check_labels(store, what: str) -> np.ndarray:
 
 
 def evaluate(queries, database=None, index=None, topk="all", radius: int = 2, report=None, plot=None,
-             progress: bool | None = None) -> dict:
+             progress: bool | None = None, recall: int | None = None) -> dict:
     """Retrieval metrics of the query store against the database store (see the module docstring).
 
     queries, database: code store paths (both with labels). index: an index directory (or a loaded
     `ghindex.index.Index`); without `database`, its store is the database. topk: "all" or K for
     mAP@K. radius: Hamming radius for precision/recall within it. report: write the result as JSON
     there. plot: path prefix for PNG plots (`PREFIX-pr.png`, `PREFIX-pn.png`). Returns the result dict.
+    Database rows marked deleted (`ghindex remove`) are left out.
+
+    recall=K (with an index): also the index's tie-aware recall@K against exact search and its
+    queries/s (result["recall"]); stores without labels then give that alone (metrics None), as does
+    an approximate index with topk="all".
     """
     from . import __version__
 
@@ -154,10 +159,18 @@ def evaluate(queries, database=None, index=None, topk="all", radius: int = 2, re
             raise DataError(f"{q_store.path} holds no codes")
         if len(db_store) == 0:
             raise DataError(f"{db_store.path} holds no codes")
-        q_labels, db_labels = _check_labels(q_store, "query"), _check_labels(db_store, "database")
-        q_codes, db_codes = q_store.codes(), db_store.codes()
         exhaustive = meta is None or meta.get("index_kind", "flat") == "flat"
-        if exhaustive:
+        recall_only = _recall_only(recall, index, q_store, db_store, exhaustive, topk)
+        q_labels, db_labels = (None, None) if recall_only else (
+            _check_labels(q_store, "query"), _check_labels(db_store, "database"))
+        q_codes, db_codes = q_store.codes(), db_store.codes()
+        live = _live_rows(db_store)
+        if live is not None:
+            db_codes, db_labels = db_codes[live], (None if db_labels is None else db_labels[live])
+            db_info["deleted"] = int(len(live) - live.sum())
+        if recall_only:
+            mode, summary = "recall", None
+        elif exhaustive:
             mode = "exact"
             if index_obj is None and index is not None:
                 # Exact metrics come from the stores, but a damaged index must not pass unnoticed:
@@ -180,7 +193,10 @@ def evaluate(queries, database=None, index=None, topk="all", radius: int = 2, re
 
                 index_obj = Index.load(index, gpu="off")
             summary = _evaluate_with_index(index_obj, q_codes, q_labels, db_store, db_labels, int(topk),
-                                           radius, progress)
+                                           radius, progress, live)
+        recall_result = None
+        if recall is not None:
+            recall_result = _recall_of_index(index_obj if index_obj is not None else index, q_codes, db_codes, recall)
         del db_codes
 
     result = {
@@ -207,7 +223,9 @@ def evaluate(queries, database=None, index=None, topk="all", radius: int = 2, re
         "ghindex_version": __version__,
         "plots": {},
     }
-    if plot is not None:
+    if recall_result is not None:
+        result["recall"] = recall_result
+    if plot is not None and summary is not None:
         result["plots"] = plot_curves(summary, plot)
     if report is not None:
         with atomic_path(report) as tmp:
@@ -216,10 +234,10 @@ def evaluate(queries, database=None, index=None, topk="all", radius: int = 2, re
     return result
 
 
-def _evaluate_with_index(index, q_codes, q_labels, db_store, db_labels, k, radius, progress) -> dict:
-    """Metrics from an approximate index's result lists, queries in chunks."""
-    lookup = StoreLookup(db_store.ids())
-    n_db, bits = len(db_store), int(db_store.bits)
+def _evaluate_with_index(index, q_codes, q_labels, db_store, db_labels, k, radius, progress, live=None) -> dict:
+    """Metrics from an approximate index's result lists, queries in chunks (`live`: rows not deleted)."""
+    lookup = StoreLookup(db_store.ids() if live is None else db_store.ids()[live])
+    n_db, bits = (len(db_store) if live is None else int(live.sum())), int(db_store.bits)
     total = metrics.relevant_counts(q_labels, db_labels)
     parts, retrieved, relevant = [], [], []
     radius_ok = True
@@ -263,6 +281,34 @@ def _evaluate_with_index(index, q_codes, q_labels, db_store, db_labels, k, radiu
     summary = metrics.summarize(stats, radius=radius, radius_counts=radius_counts)
     summary["index_search"] = {"k": k, "ties_at_k": "chosen by the index"}
     return summary
+
+
+def _live_rows(store) -> np.ndarray | None:
+    """Mask of the rows not deleted by `ghindex remove`; None when none is."""
+    return ~store.deleted() if store.num_deleted else None
+
+
+def _recall_only(recall, index, q_store, db_store, exhaustive, topk) -> bool:
+    """With recall=K: are label metrics impossible (no labels; approximate index with topk='all')?"""
+    if recall is None:
+        return False
+    if index is None:
+        raise ConfigError("recall compares an index with exact search: give the index (--index)")
+    if isinstance(recall, bool) or not isinstance(recall, (int, np.integer)) or recall < 1:
+        raise ConfigError(f"recall K must be a positive integer, got {recall!r}")
+    return not (q_store.has_labels and db_store.has_labels) or (not exhaustive and topk == "all")
+
+
+def _recall_of_index(index, q_codes, db_codes, k) -> dict:
+    """Tie-aware recall@k of the index against exact search over the (live) database codes, and q/s."""
+    from .index import Index
+    from .index.tuning import measure_recall
+
+    if not isinstance(index, Index):
+        index = Index.load(index, gpu="off")
+    chunk = 1 << 20
+    return measure_recall(index, q_codes, lambda: (db_codes[s:s + chunk] for s in range(0, len(db_codes), chunk)),
+                          int(k))
 
 
 def _pair_relevance(q_labels, db_labels, owner, rows) -> np.ndarray:
@@ -324,6 +370,30 @@ def _save_png(fig, path: str) -> str:
 
 def format_table(result: dict) -> str:
     """A readable summary of an `evaluate` result."""
+    if result["metrics"] is None:
+        return _recall_table(result)
+    return _metrics_table(result) + ("\n" + _recall_lines(result["recall"]) if result.get("recall") else "")
+
+
+def _recall_lines(r: dict) -> str:
+    return (f"recall@{r['k']}  {r['recall']:.4f}   (tie-aware, against exact search; {r['index_key']} "
+            f"{', '.join(f'{k}={v}' for k, v in sorted(r['params'].items())) or ''})\n"
+            f"queries/s  {r['queries_per_second']:,.0f} (exact search: {r['exact_queries_per_second']:,.0f})")
+
+
+def _recall_table(result: dict) -> str:
+    lines = [f"queries    {result['queries']['path']} ({result['recall']['queries']:,})",
+             f"database   {result['database']['path']} ({result['database']['count']:,}, {result['bits']} bits)"]
+    if result.get("index"):
+        lines.append(f"index      {result['index']['path']} ({result['index']['index_key']}, mode {result['mode']})")
+    lines += ["", _recall_lines(result["recall"])]
+    lines += [f"warning: {w}" for w in result.get("warnings", [])]
+    if result.get("report"):
+        lines.append(f"report: {result['report']}")
+    return "\n".join(lines)
+
+
+def _metrics_table(result: dict) -> str:
     m = result["metrics"]
     k = m["topk"]
     lines = [

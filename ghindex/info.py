@@ -71,6 +71,7 @@ def describe_store(path: str) -> dict[str, Any]:
             "class_names": s.class_names,
             "paths": s.has_paths,
             "skipped": s.num_skipped,
+            "deleted": s.num_deleted,
             "skipped_examples": skipped[:SKIPPED_EXAMPLES],
             "encoder_fingerprint": s.encoder_fingerprint or None,
             "source": attrs.get("source") or None,

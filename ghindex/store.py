@@ -8,6 +8,8 @@ Layout (format_version 1)::
     /labels           optional: int64 (N,) class indices, or uint8 (N, C) multi-hot rows.
     /paths            optional: variable-length strings (N,), the image each code came from.
     /skipped/{position,path,reason}   inputs that could not be encoded (int64, str, str).
+    /deleted          optional: uint8 (N,), 1 where a row was removed (`ghindex remove`); such rows keep
+                      their id (never reused) but no index built from the store holds them.
     attrs             format_version, bits, bit_order, encoder_fingerprint (sha256 of the model file),
                       source, created (UTC, ISO 8601), complete, plus the writer's own keys
                       (strings, numbers; lists and dicts are stored as JSON text).
@@ -251,7 +253,7 @@ class CodeStore:
             if order != BIT_ORDER:
                 raise StoreError(f"{name}: bit order {order!r} is not supported (expected {BIT_ORDER!r})")
             n = codes.shape[0]
-            for key in ("ids", "labels", "paths"):
+            for key in ("ids", "labels", "paths", "deleted"):
                 if key in f and f[key].shape[0] != n:
                     raise StoreError(f"{name}: {key} has {f[key].shape[0]} rows but codes has {n} (damaged store)")
             if not allow_incomplete and not bool(f.attrs.get("complete", False)):
@@ -446,7 +448,8 @@ class CodeStore:
         f, n = self._f, self._n
         try:
             for key, value in (("codes", codes), ("ids", ids.astype(np.int64, copy=False)), ("labels", labels),
-                               ("paths", _encode_paths(paths) if self.has_paths else None)):
+                               ("paths", _encode_paths(paths) if self.has_paths else None),
+                               ("deleted", np.zeros(k, np.uint8) if "deleted" in f else None)):
                 if value is not None:
                     ds = f[key]
                     ds.resize(n + k, axis=0)
@@ -490,6 +493,33 @@ class CodeStore:
         self._check_writable()
         self._f.attrs["complete"] = True
         self._f.flush()
+
+    # -- deleted rows (`ghindex remove`) -----------------------------------------------------------
+    def deleted(self) -> np.ndarray:
+        """Boolean mask (N,): True for rows marked deleted (all False when none ever was)."""
+        self._check_open()
+        if "deleted" not in self._f:
+            return np.zeros(self._n, dtype=bool)
+        return self._f["deleted"][: self._n] != 0
+
+    @property
+    def num_deleted(self) -> int:
+        return int(self.deleted().sum()) if "deleted" in self._f else 0
+
+    def mark_deleted(self, rows) -> None:
+        """Mark rows (positions) deleted; their codes and ids stay, builds and metrics leave them out."""
+        self._check_writable()
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if len(rows) and (rows[0] < 0 or rows[-1] >= self._n):
+            raise StoreError(f"{self.path}: rows to delete must lie in 0..{self._n - 1}")
+        self._mark_incomplete()
+        f = self._f
+        if "deleted" not in f:
+            f.create_dataset("deleted", shape=(self._n,), maxshape=(None,), dtype=np.uint8,
+                             chunks=(max(1, min(self.chunk_rows * 8, 1 << 20)),), fillvalue=0)
+        mask = f["deleted"][: self._n]
+        mask[rows] = 1
+        f["deleted"][: self._n] = mask
 
     def close(self) -> None:
         if self._f.id.valid:

@@ -26,7 +26,7 @@ def commands(name: str) -> list[list[str]]:
     return [shlex.split(line)[1:] for line in lines if line.startswith("ghindex ")]
 
 
-ALL_BLOCKS = ["workflow", "protocol", "paper", "scaling"]
+ALL_BLOCKS = ["workflow", "protocol", "paper", "scaling", "lifecycle"]
 
 
 def test_readme_starts_with_the_two_commands():

@@ -31,6 +31,8 @@ Modules, one job each (none imports this package's ``__init__``):
 - `files`: index directories (atomic writes, `read_meta`, `describe_index`)
 - `core`: the `Index` class
 - `builder`: `build` (from a code store, to disk) and `build_from_arrays` (in memory)
+- `tuning`: tie-aware recall against exact search; the smallest nprobe / efSearch for a recall target
+- `lifecycle`: `add` and `remove` codes in place, with the code store, crash-safely; IVF drift
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from .codes import FAST_WIDTHS, pad_codes, padded_width  # noqa: E402
 from .core import QUERY_BATCH, Index  # noqa: E402
 from .files import FORMAT, FORMAT_VERSION, INDEX_FILE, META_FILE, describe_index, read_meta  # noqa: E402
 from .gpu import GPU_MAX_K, _gpu_clustering_index, _to_gpu, gpu_count  # noqa: E402
+from .lifecycle import add, remove  # noqa: E402
 from .keys import (  # noqa: E402
     AUTO_FLAT_MAX,
     MIN_POINTS_PER_LIST,
@@ -66,9 +69,10 @@ from .structures import FLAT_QUERY_BATCH  # noqa: E402
 __all__ = [
     "AUTO_FLAT_MAX", "CHUNK_ROWS", "ChunkSource", "FAST_WIDTHS", "FLAT_QUERY_BATCH", "FORMAT",
     "FORMAT_VERSION", "GPU_MAX_K", "INDEX_FILE", "Index", "IndexSpec", "META_FILE", "MIN_POINTS_PER_LIST",
-    "QUERY_BATCH", "TRAIN_POINTS_PER_LIST", "auto_index_key", "auto_nlist", "build", "build_from_arrays",
+    "QUERY_BATCH", "TRAIN_POINTS_PER_LIST", "add", "auto_index_key", "auto_nlist", "build", "build_from_arrays",
     "default_nprobe", "describe_index", "estimate_memory", "format_size", "gpu_count", "pad_codes",
-    "padded_width", "parse_index_key", "parse_index_params", "parse_size", "read_meta", "resolve_index_key",
+    "padded_width", "parse_index_key", "parse_index_params", "parse_size", "read_meta", "remove",
+    "resolve_index_key",
 ]
 
 _SUBMODULES = (keys, codes, memory, gpu, structures, files, core, builder)

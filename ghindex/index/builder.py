@@ -27,6 +27,7 @@ from .keys import (
 )
 from .memory import CHUNK_ROWS, estimate_memory, format_size, parse_size
 from .structures import _apply_params, _inner, _new_faiss_index
+from .tuning import TUNE_QUERIES
 
 log = logging.getLogger(__name__)
 
@@ -124,20 +125,31 @@ class _IndexBuilder:
 
 def _sample_codes(chunks: ChunkSource, n: int, size: int, code_bytes: int, seed: int) -> np.ndarray:
     """`size` codes drawn uniformly without replacement, in one sequential pass over the chunks."""
-    rng = np.random.default_rng(seed)
-    picks = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
+    return _gather(chunks, _sample_positions(n, size, seed), code_bytes, n)[0]
+
+
+def _gather(chunks: ChunkSource, picks: np.ndarray, code_bytes: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, ids) at the sorted positions `picks` of the `n` codes the chunks yield, in one pass."""
     sample = np.empty((len(picks), code_bytes), dtype=np.uint8)
+    sample_ids = np.empty(len(picks), dtype=np.int64)
     start = filled = 0
-    for codes, _ids in chunks():
+    for codes, ids in chunks():
         lo, hi = np.searchsorted(picks, [start, start + len(codes)])
         sample[filled:filled + hi - lo] = codes[picks[lo:hi] - start]
+        sample_ids[filled:filled + hi - lo] = ids[picks[lo:hi] - start]
         filled += hi - lo
         start += len(codes)
         if filled == len(picks):
             break
     if filled != len(picks):
         raise StoreError(f"the code source ended after {start:,} codes, expected {n:,}")
-    return sample
+    return sample, sample_ids
+
+
+def _sample_positions(n: int, size: int, seed) -> np.ndarray:
+    """`size` sorted positions in 0..n-1, drawn without replacement by a generator seeded with `seed`."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
 
 
 def _progress(total: int, desc: str):
@@ -149,10 +161,11 @@ def _progress(total: int, desc: str):
 
 def build_from_arrays(codes: np.ndarray, ids: np.ndarray | None = None, index_key: str = "auto",
                       index_param=(), gpu: str = "off", max_memory=None, *, bits: int | None = None,
-                      seed: int = 0, chunk_rows: int = CHUNK_ROWS) -> "Index":
+                      seed: int = 0, chunk_rows: int = CHUNK_ROWS, target_recall: float | None = None,
+                      target_k: int = 10, tune_queries: int = TUNE_QUERIES) -> "Index":
     """Build an in-memory `Index` from packed codes (N, bits/8) already in RAM (ids default to 0..N-1).
 
-    Same keys, parameters and checks as `build`; nothing is written (use `Index.save`).
+    Same keys, parameters, recall target and checks as `build`; nothing is written (use `Index.save`).
     """
     codes = np.asarray(codes)
     if codes.dtype != np.uint8 or codes.ndim != 2:
@@ -167,14 +180,18 @@ def build_from_arrays(codes: np.ndarray, ids: np.ndarray | None = None, index_ke
             yield codes[start:start + chunk_rows], ids[start:start + chunk_rows]
 
     builder = _IndexBuilder(len(codes), bits, index_key, index_param, gpu, max_memory, seed, chunk_rows)
+    _check_tuning(builder, index_param, target_recall, target_k)
     faiss_index = builder.build(chunks)
     meta = _make_meta(builder, faiss_index, store=None)
-    return Index(faiss_index, meta)
+    index = Index(faiss_index, meta)
+    meta.update(_lifecycle_meta(builder, index, chunks, target_recall, target_k, tune_queries))
+    return index
 
 
 def build(codes: str | os.PathLike, out: str | os.PathLike, index_key: str = "auto", index_param=(),
           gpu: str = "auto", max_memory=None, *, overwrite: bool = False, seed: int = 0,
-          chunk_rows: int | None = None) -> dict:
+          chunk_rows: int | None = None, target_recall: float | None = None, target_k: int = 10,
+          tune_queries: int = TUNE_QUERIES) -> dict:
     """Build a FAISS binary index directory `out` from the HDF5 code store `codes`.
 
     The store is read in chunks of `chunk_rows` rows (default: the store's, about 32 MiB; memory stays
@@ -185,6 +202,12 @@ def build(codes: str | os.PathLike, out: str | os.PathLike, index_key: str = "au
     build stops before reading codes when it exceeds `max_memory` ('8G', bytes). `gpu='auto'|'on'|'off'`
     runs IVF k-means on GPU when FAISS has one. `out` is written as a temp directory then renamed; an
     existing index there is replaced only with `overwrite=True`. Returns the index's metadata.
+
+    Rows the store marks deleted (`remove`) are left out. `target_recall` (IVF, HNSW) sets the smallest
+    nprobe / efSearch whose tie-aware recall@`target_k` on `tune_queries` database codes sampled as
+    queries reaches it (`ghindex.index.tuning`); meta.json's `tuning` records the value, the measured
+    recall and queries/s. IVF indexes also record how far their codes sit from their lists' centroids
+    (`drift`), against which `add` measures new codes.
     """
     from ..store import CodeStore  # imported late: the store module pulls in h5py
 
@@ -192,27 +215,71 @@ def build(codes: str | os.PathLike, out: str | os.PathLike, index_key: str = "au
     _check_out(out, overwrite)
     start = time.perf_counter()
     with CodeStore.open(codes) as store:
-        n, bits = len(store), int(store.bits)
+        n, bits = len(store) - store.num_deleted, int(store.bits)
         if n == 0:
-            raise StoreError(f"code store {codes} holds no codes")
+            raise StoreError(f"code store {codes} holds no codes" + (" (all deleted)" if len(store) else ""))
         if int(store.code_bytes) * 8 != bits:
             raise StoreError(f"code store {codes}: {store.code_bytes} bytes per code do not hold {bits} bits")
 
         chunk_rows = int(chunk_rows or store.default_iter_rows())
-
-        def chunks():
-            for batch in store.iter_chunks(rows=chunk_rows, paths=False):
-                batch_codes = np.asarray(batch.codes, dtype=np.uint8)
-                yield batch_codes, _check_ids(batch.ids, len(batch_codes), f"code store {codes}", StoreError)
-
+        chunks = _live_chunks(store, codes, chunk_rows)
         builder = _IndexBuilder(n, bits, index_key, index_param, gpu, max_memory, seed, chunk_rows)
+        _check_tuning(builder, index_param, target_recall, target_k)
         faiss_index = builder.build(chunks)
         meta = _make_meta(builder, faiss_index, store=store, store_path=codes)
+        index = Index(faiss_index, meta)
+        meta.update(_lifecycle_meta(builder, index, chunks, target_recall, target_k, tune_queries))
     meta["build_seconds"] = round(time.perf_counter() - start, 3)
-    index = Index(faiss_index, meta)
     index.save(out, overwrite=overwrite)
     log.info("wrote %s (%s codes, %s) in %.1f s", out, f"{index.ntotal:,}", meta["index_key"], meta["build_seconds"])
     return dict(index.meta, path=str(out))
+
+
+def _live_chunks(store, name, chunk_rows: int) -> ChunkSource:
+    """(codes, ids) of the store's rows in order, in chunks, leaving out rows marked deleted."""
+    deleted = store.deleted() if store.num_deleted else None
+
+    def chunks():
+        start = 0
+        for batch in store.iter_chunks(rows=chunk_rows, paths=False):
+            batch_codes = np.asarray(batch.codes, dtype=np.uint8)
+            ids = _check_ids(batch.ids, len(batch_codes), f"code store {name}", StoreError)
+            if deleted is not None:
+                keep = ~deleted[start:start + len(ids)]
+                batch_codes, ids = batch_codes[keep], ids[keep]
+            start += len(batch.ids)
+            yield batch_codes, ids
+
+    return chunks
+
+
+def _check_tuning(builder: _IndexBuilder, index_param, target_recall, target_k) -> None:
+    """Refuse a recall target the index cannot be tuned for, before any work."""
+    if target_recall is None:
+        return
+    from .tuning import TUNED_PARAM, check_target
+
+    check_target(target_recall, target_k, builder.spec.kind, builder.spec.key)
+    name = TUNED_PARAM[builder.spec.kind]
+    given = parse_index_params(index_param, builder.spec)
+    if name in given:
+        raise ConfigError(f"a recall target chooses {name} itself: drop the index parameter {name}="
+                          f"{given[name]} or the target")
+
+
+def _lifecycle_meta(builder: _IndexBuilder, index: Index, chunks: ChunkSource, target_recall, target_k,
+                    tune_queries) -> dict:
+    """IVF: the codes' distance to their centroids (for `add`); with a target: the tuned setting."""
+    from .lifecycle import drift_reference
+    from .tuning import tune_from_database
+
+    extra = {}
+    if builder.spec.kind == "ivf":
+        extra["drift"] = drift_reference(index, chunks, builder.n, builder.seed)
+    if target_recall is not None:
+        extra["tuning"] = tune_from_database(index, chunks, builder.n, target_recall, target_k, tune_queries,
+                                             seed=builder.seed)
+    return extra
 
 
 def _make_meta(builder: _IndexBuilder, faiss_index, store, store_path=None) -> dict:

@@ -251,3 +251,29 @@ class Index:
         if self.on_gpu:  # re-copy: shards keep contiguous position ranges only when built from scratch
             self._gpu = None
             self.to_gpu("on", shard=self._gpu_shard)
+
+    # ---- remove
+    #: Index kinds FAISS can remove codes from (flat through its id map, IVF from its lists).
+    REMOVABLE_KINDS = ("flat", "ivf")
+
+    def remove(self, ids) -> int:
+        """Remove the codes with these ids (ids not in the index are ignored); returns how many went.
+
+        Flat and IVF indexes only (FAISS has no removal for HNSW and hash indexes: rebuild those). Other
+        ids keep their codes and ids. Call `save` to keep the change.
+        """
+        if self.mmap:
+            raise IndexFileError(
+                f"index {self.path} was loaded with mmap=True and is read-only; load it without mmap to remove codes"
+            )
+        if self.kind not in self.REMOVABLE_KINDS:
+            raise ConfigError(f"FAISS cannot remove codes from {self.index_key} indexes; rebuild without them")
+        ids = np.unique(_check_ids(np.asarray(ids).reshape(-1), np.asarray(ids).size, "ids to remove"))
+        if not len(ids):
+            return 0
+        removed = int(self._cpu.remove_ids(faiss.IDSelectorBatch(ids)))
+        self.meta["ntotal"] = self.ntotal
+        if self.on_gpu and removed:
+            self._gpu = None
+            self.to_gpu("on", shard=self._gpu_shard)
+        return removed

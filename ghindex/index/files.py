@@ -95,6 +95,21 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
+def _lifecycle_fields(meta: dict) -> dict:
+    """Recall tuning and add/remove counts, when the index has them."""
+    from .lifecycle import describe_lifecycle
+
+    fields = {}
+    tuning = meta.get("tuning")
+    if tuning:
+        fields["tuning"] = {k: tuning[k] for k in ("param", "value", "recall", "k", "target_recall", "target_met",
+                                                   "queries_per_second", "queries")}
+    life = describe_lifecycle(meta)
+    if life:
+        fields["lifecycle"] = life
+    return fields
+
+
 def describe_index(path: str | os.PathLike) -> dict:
     """What an index directory holds, from meta.json and the file size (the index is not loaded)."""
     path = Path(path)
@@ -117,6 +132,7 @@ def describe_index(path: str | os.PathLike) -> dict:
         "store_fingerprint": meta.get("store_fingerprint"),
         "encoder_fingerprint": meta.get("encoder_fingerprint"),
         "index_file_bytes": index_file.stat().st_size,
+        **_lifecycle_fields(meta),
         "created": meta.get("created"),
         "faiss_version": meta.get("faiss_version"),
         "ghindex_version": meta.get("ghindex_version"),
