@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is pinned for this project's machines (the CPU wheels lie on local disk there); users pick
-# their own torch and install with `pip install ghindex[cpu]`.
+# their own torch and install with `pip install ".[cpu]"` from a checkout.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 

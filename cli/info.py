@@ -20,6 +20,15 @@ def _text(value) -> str:
     return str(value)
 
 
+def _link(link: dict) -> str:
+    """'RECORDED -> RESOLVED (found)' or '... (missing)': where a recorded link leads from here."""
+    recorded = link.get("recorded") or link.get("absolute")
+    shown = recorded if recorded == link["resolved"] else f"{recorded} -> {link['resolved']}"
+    if link.get("override"):
+        shown += " (--root)"
+    return f"{shown} ({'found' if link['exists'] else 'missing'})"
+
+
 @click.command("info")
 @click.argument("path", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
@@ -28,7 +37,9 @@ def info(path, fmt):
     """Describe PATH: a code store (.h5), a model file (.ghm) or an index directory.
 
     Code stores: rows, bits, labels, paths, skipped inputs, provenance, and whether the store is
-    complete (an interrupted `ghindex encode` leaves an incomplete OUT.partial).
+    complete (an interrupted `ghindex encode` leaves an incomplete OUT.partial). Links (an index's
+    code store, a store's image folder) are shown as recorded, where they resolve from here, and
+    whether that exists.
     """
     from ghindex.info import info as info_fn
 
@@ -39,7 +50,9 @@ def info(path, fmt):
     skipped = result.pop("skipped_examples", None) or []
     history = result.pop("history", None) or []
     attrs = result.pop("attrs", None) or {}
+    links = {name: result.pop(key, None) for name, key in (("store", "store_link"), ("images", "images_link"))}
     rows = [(k, _text(v)) for k, v in result.items()]
+    rows += [(f"link.{name}", _link(link)) for name, link in links.items() if link]
     rows += [(f"attr.{k}", _text(v)) for k, v in sorted(attrs.items())]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import sys
 
 import click
@@ -38,19 +39,61 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, name)
 
     def invoke(self, ctx):
+        # The message is made inside the handler and printed after it, so that nothing keeps the failed
+        # call's frames alive while `fail` exits.
+        message = None
         try:
             return super().invoke(ctx)
         except GhindexError as exc:
-            fail(str(exc))
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
-            fail(f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc))
+            message = str(exc)
+        except OSError as exc:
+            message = _os_error_message(exc)
+            if message is None:
+                raise
         except MemoryError:
-            fail("out of memory; use smaller batches or chunks")
+            message = "out of memory; use smaller batches or chunks"
+        fail(cli_message(message, self.get_command(ctx, ctx.invoked_subcommand or "")))
+
+
+def _os_error_message(exc: OSError) -> str | None:
+    """`PATH: no space left on device` (read-only file system, permission denied, I/O error) for an
+    output problem no write site turned into OutputError; `strerror: PATH` for a missing file or folder."""
+    from ghindex.io import output_reason
+
+    reason = output_reason(exc)
+    if reason is not None:
+        return f"{exc.filename}: {reason}" if exc.filename else reason
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc)
+    return None
+
+
+def cli_message(message: str, command: click.Command | None) -> str:
+    """A library message in the command's terms: `NAME=True` (a parameter of the Python function, with
+    an optional ` (--flag)` after it) becomes the command's option for that parameter, e.g.
+    `overwrite=True` -> `--overwrite`. Names the command has no option for stay as they are."""
+    options = {p.name: max(p.opts, key=len) for p in getattr(command, "params", ())
+               if isinstance(p, click.Option) and p.name}
+
+    def option(match: re.Match) -> str:
+        return options.get(match.group(1), match.group(0))
+
+    return _PARAMETER.sub(option, message)
+
+
+_PARAMETER = re.compile(r"\b([a-z][a-z0-9_]*)=True\b(?: \(--[a-z0-9-]+\))?")
 
 
 def fail(message: str) -> None:
     """Print `Error: message` (one line) to stderr and exit with status 1."""
     click.echo(f"Error: {' '.join(str(message).split())}", err=True)
+    store = sys.modules.get("ghindex.store")
+    if store is not None and store.hdf5_failed:
+        # HDF5 failed to write a file (a full disk...) and can no longer close it; its own clean-up at
+        # exit would try again and may crash the process. Everything to keep is on disk: leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     sys.exit(1)
 
 

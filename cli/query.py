@@ -25,6 +25,9 @@ import click
                    "changed since the index was built.")
 @click.option("--grid", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG: each query image with its neighbours, framed green (relevant) / red.")
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="Folder the index's code store's image paths are relative to, when the images moved "
+                   "without the store. [default: the folder the store records, found next to it]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images encoded per batch.")
 @click.option("--gpu", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
@@ -34,7 +37,7 @@ import click
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True, help="table for people; json = one JSON object per query per line; "
                                       "csv = one row per neighbour.")
-def query(index, model, images, codes, ids, k, radius, force, grid, batch_size, gpu, gpu_shard, fmt):
+def query(index, model, images, codes, ids, k, radius, force, grid, root, batch_size, gpu, gpu_shard, fmt):
     """Find the nearest codes in INDEX for query IMAGES (with --model), --codes or --ids.
 
     Neighbours are ranked by Hamming distance, ties by database position, with their id, distance,
@@ -44,7 +47,7 @@ def query(index, model, images, codes, ids, k, radius, force, grid, batch_size, 
     from ghindex.query import query as query_fn
 
     results = query_fn(index, model=model, images=images, codes=codes, ids=ids or (), k=k, radius=radius,
-                       force=force, grid=grid, batch_size=batch_size, gpu=gpu, gpu_shard=gpu_shard)
+                       force=force, grid=grid, batch_size=batch_size, gpu=gpu, gpu_shard=gpu_shard, root=root)
     if fmt == "json":
         if results:
             click.echo(json_lines(results))

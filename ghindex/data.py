@@ -37,6 +37,7 @@ class DataSource:
     class_names: list[str] | None = None
     positions: np.ndarray = field(default=None)  # (N,) int64 position in the original data
     ids: np.ndarray | None = None  # explicit ids (list file column), else None -> positions
+    root: str | None = None  # the folder the images' paths are relative to (folder, list file's root)
 
     def __post_init__(self):
         if self.positions is None:
@@ -102,10 +103,10 @@ def read_image_folder(folder: str | os.PathLike) -> DataSource:
             paths.extend(found)
             labels.extend([label] * len(found))
         source = DataSource("images", f"folder:{folder}", paths=paths,
-                            labels=np.asarray(labels, dtype=np.int64), class_names=classes)
+                            labels=np.asarray(labels, dtype=np.int64), class_names=classes, root=folder)
     else:
         paths = [os.path.join(folder, e) for e in entries if _is_image(e)]
-        source = DataSource("images", f"folder:{folder}", paths=paths)
+        source = DataSource("images", f"folder:{folder}", paths=paths, root=folder)
     if not len(source):
         raise DataError(f"no images found in {folder} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return source
@@ -159,7 +160,7 @@ def read_list_file(path: str | os.PathLike, root: str | os.PathLike | None = Non
     elif width and width > 1:
         labels = np.asarray(rows, dtype=np.uint8)
     return DataSource("images", f"list:{os.path.abspath(path)}", paths=paths, labels=labels,
-                      ids=np.asarray(ids, dtype=np.int64) if ids_column is not None else None)
+                      ids=np.asarray(ids, dtype=np.int64) if ids_column is not None else None, root=base)
 
 
 def read_array_file(path: str | os.PathLike) -> DataSource:
@@ -229,7 +230,8 @@ def cifar_pool(folder: str | os.PathLike) -> tuple[DataSource, int]:
     if train.class_names != test.class_names or train.labels is None:
         raise DataError(f"{folder}: train/ and test/ must hold the same class sub-folders")
     pool = DataSource("images", f"folder:{os.path.abspath(folder)}", paths=train.paths + test.paths,
-                      labels=np.concatenate([train.labels, test.labels]), class_names=train.class_names)
+                      labels=np.concatenate([train.labels, test.labels]), class_names=train.class_names,
+                      root=os.path.abspath(folder))
     return pool, len(train)
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, OutputError
+from .io import writing
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ DEFAULT_DATA = "data/cifar10-demo"
 
 def _grid_query_list(data: Path, out: Path) -> Path:
     """A list file with the first query image of each class and its label (class order as in the
-    database folder), so the grid can frame neighbours as relevant or not."""
+    database folder), so the grid can frame neighbours as relevant or not. Paths are relative to
+    DATA/query (encode it with that root: the store's paths then stay relative, and the folder portable)."""
     from .data import read_image_folder
 
     source = read_image_folder(data / "query")
@@ -33,9 +35,10 @@ def _grid_query_list(data: Path, out: Path) -> Path:
     for path, label in zip(source.paths, source.labels):
         if label not in seen:
             seen.add(label)
-            lines.append(f"{path} {label}")
+            lines.append(f"{os.path.relpath(path, source.root)} {label}")
     listing = out / "grid-queries.txt"
-    listing.write_text("\n".join(lines) + "\n")
+    with writing(listing):
+        listing.write_text("\n".join(lines) + "\n")
     return listing
 
 
@@ -47,8 +50,17 @@ def demo(out: str | os.PathLike = "demo-out", data: str | os.PathLike = DEFAULT_
 
     `data` holds `database/<class>/` (also the training set) and `query/<class>/`. The defaults
     (smallcnn, 32 px, 6 epochs, lr 0.01) are sized for a 2-core CPU; previous demo outputs in `out`
-    are replaced.
+    are replaced. An output that cannot be written raises OutputError (the demo starts over when run
+    again).
     """
+    try:
+        return _demo(out, data, bits, backbone, epochs, lr, batch_size, image_size, seed, device, workers, progress)
+    except OutputError as exc:
+        exc.set_hint(f"{exc.remedy} and run the demo again (it starts over)")
+        raise
+
+
+def _demo(out, data, bits, backbone, epochs, lr, batch_size, image_size, seed, device, workers, progress) -> dict:
     from .encode import encode
     from .evaluate import evaluate
     from .index import build
@@ -61,10 +73,11 @@ def demo(out: str | os.PathLike = "demo-out", data: str | os.PathLike = DEFAULT_
     for split in ("database", "query"):
         if not (data / split).is_dir():
             raise DataError(f"{data} must hold {split}/<class>/ folders (the shipped demo data is {DEFAULT_DATA})")
-    out.mkdir(parents=True, exist_ok=True)
     model = out / "model.ghm"
-    for stale in output_paths(model).values():  # a fresh run, not a resume of an older demo
-        Path(stale).unlink(missing_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in output_paths(model).values():  # a fresh run, not a resume of an older demo
+            Path(stale).unlink(missing_ok=True)
     shutil.rmtree(out / "index", ignore_errors=True)
     timings: dict[str, float] = {}
 
@@ -90,8 +103,8 @@ def demo(out: str | os.PathLike = "demo-out", data: str | os.PathLike = DEFAULT_
     timings["build"] = time.perf_counter() - t
 
     t = step("query", "one query image per class, 8 neighbours each")
-    encode(str(model), str(_grid_query_list(data, out)), str(out / "grid-queries.h5"), device=device,
-           workers=workers, overwrite=True, progress=False)
+    encode(str(model), str(_grid_query_list(data, out)), str(out / "grid-queries.h5"), root=str(data / "query"),
+           device=device, workers=workers, overwrite=True, progress=False)
     results = query(str(out / "index"), codes=str(out / "grid-queries.h5"), k=8, grid=str(out / "grid.png"))
     timings["query"] = time.perf_counter() - t
 

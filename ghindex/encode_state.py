@@ -207,6 +207,7 @@ def _open_partial(run: _Run, out: str, partial: str, model_fingerprint: str) -> 
     return CodeStore.create(
         partial, run.bits, encoder_fingerprint=model_fingerprint, source=run.source.description,
         label_shape=run.label_shape, with_paths=run.with_paths, attrs=run.store_attrs, overwrite=True,
+        paths_root=run.source.root,
     )
 
 

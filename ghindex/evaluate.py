@@ -10,7 +10,8 @@ Two ways to rank, one set of definitions (ghindex.metrics):
   by (distance, database position); precision/recall within the radius come from its range search
   (None for HNSW, which has none) and there is no PR curve over all radii.
 
-The database is the code store the index was built from (index meta `store_path`) unless given; its
+The database is the code store the index was built from (`ghindex.index.files.store_path_of`: next
+to the index, as recorded, or at its recorded absolute path) unless given; its
 fingerprint must match the one the index recorded. The JSON report carries the protocol, split,
 seed, bits and the fingerprints of both stores, the index and the encoder.
 """
@@ -129,7 +130,9 @@ def evaluate(queries, database=None, index=None, topk="all", radius: int = 2, re
     if database is None:
         if meta is None:
             raise ConfigError("give database codes (--database) or an index built from a code store (--index)")
-        database = meta.get("store_path")
+        from .index.files import store_path_of
+
+        database = store_path_of(index_path, meta)
         if not database:
             raise ConfigError(f"index {index_path} records no code store; give the database codes (--database)")
         if not os.path.exists(database):

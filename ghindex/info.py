@@ -1,4 +1,9 @@
-"""`info(path)`: describe a code store, a model file or an index directory without loading it whole."""
+"""`info(path)`: describe a code store, a model file or an index directory without loading it whole.
+
+Links are described with where they resolve: a store's `images_link` (the folder its relative image
+paths hang from, `CodeStore.images_link`) and an index's `store_link` (its code store,
+`ghindex.index.files.store_link`), each {"recorded", "absolute", "resolved", "exists"}.
+"""
 from __future__ import annotations
 
 import errno
@@ -54,7 +59,7 @@ def describe_store(path: str) -> dict[str, Any]:
         except ValueError:
             history = []
         reserved = {"format_version", "bits", "bit_order", "encoder_fingerprint", "source", "created", "complete",
-                    "class_names", "history"}
+                    "class_names", "history", "paths_root", "paths_root_absolute"}
         result = {
             "kind": "codes",
             "path": os.path.abspath(path),
@@ -70,6 +75,8 @@ def describe_store(path: str) -> dict[str, Any]:
             "labels": labels,
             "class_names": s.class_names,
             "paths": s.has_paths,
+            "paths_relative": s.has_paths and s.relative_paths,
+            "images_link": s.images_link(),
             "skipped": s.num_skipped,
             "deleted": s.num_deleted,
             "skipped_examples": skipped[:SKIPPED_EXAMPLES],

@@ -56,9 +56,9 @@ from .encode_state import (
     load_source,
     source_fingerprint,
 )
-from .errors import ConfigError, ImageError, StoreError
+from .errors import ConfigError, ImageError, OutputError, StoreError
 from .hashing import pack_signs
-from .io import file_fingerprint
+from .io import file_fingerprint, writing
 from .journal import JOURNAL_VERSION, Journal
 
 log = logging.getLogger(__name__)
@@ -126,9 +126,13 @@ def encode_local(model, data, out, *, protocol, split, seed, root, batch_size, w
     data_fingerprint = source_fingerprint(source)
 
     # Take the lock first: from here on no other run touches these files.
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with writing(out):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     had_journal = os.path.exists(journal_path)
-    journal = Journal(journal_path, out)
+    try:
+        journal = Journal(journal_path, out)
+    except OutputError as exc:
+        raise exc.set_hint(f"nothing was written; {exc.remedy} and rerun")
     try:
         if not resume and (had_journal or os.path.exists(partial)):
             if not overwrite:
@@ -202,11 +206,29 @@ def encode_local(model, data, out, *, protocol, split, seed, root, batch_size, w
             state = _resume_state(journal, saved, run, out)
         return _run(journal, run, model, out, partial, dev, precision, batch_size, workers, strict,
                     checkpoint_seconds, checkpoint_rows, progress, state, t0, data_fingerprint, append, pack)
+    except OutputError as exc:
+        exc.set_hint(_kept_hint(journal, len(source), exc))
+        with contextlib.suppress(OSError):  # the journal holds its codes; --resume makes it again
+            os.remove(partial)
+        raise
     finally:
         if journal is not None and not journal.file.closed:
             if os.path.exists(journal.path) and os.path.getsize(journal.path) == 0:
                 os.remove(journal.path)  # an empty journal records nothing: do not leave it behind
             journal.close()
+
+
+def _kept_hint(journal: Journal, inputs: int, exc: OutputError) -> str:
+    """What a failed write left for --resume: the inputs whose codes the journal holds."""
+    kept = 0
+    try:
+        for kind, meta, _blob, _end in journal.records():
+            if kind == Journal.CHUNK and meta.get("start") == kept:
+                kept = int(meta["stop"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    what = f"inputs up to {kept:,} of {inputs:,} are kept" if kept else "no codes are kept yet"
+    return f"{what}; {exc.remedy} and rerun with resume=True"
 
 
 def _run(journal, run, model, out, partial, dev, precision, batch_size, workers, strict,

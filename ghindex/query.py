@@ -108,11 +108,14 @@ class Searcher:
     carry ids and distances only (`need_store=True`: StoreError instead). `model`: encodes query
     images; it must be the index's encoder (same file fingerprint) unless `force`. `force` also accepts
     a code store changed since the index was built. `close()` (or `with`) closes the store.
+    The store is found by `ghindex.index.files.store_path_of` (next to the index first, so a copied
+    folder works); `root` replaces the folder its image paths are relative to (`CodeStore.open`).
     """
 
     def __init__(self, index, model=None, *, force: bool = False, gpu: str = "auto", gpu_shard: bool = False,
-                 device=None, need_store: bool = False):
+                 device=None, need_store: bool = False, root=None):
         from .index import Index
+        from .index.files import store_path_of
         from .store import CodeStore
 
         self.index = index if isinstance(index, Index) else Index.load(index, gpu=gpu, gpu_shard=gpu_shard)
@@ -121,9 +124,9 @@ class Searcher:
         self.store, self.db = None, None
         self.encoder, self.model_path = None, None
         meta = self.index.meta
-        self.store_path = meta.get("store_path")
+        self.store_path = store_path_of(self.index.path, meta)
         if self.store_path and os.path.exists(self.store_path):
-            store = CodeStore.open(self.store_path)
+            store = CodeStore.open(self.store_path, root=root)
             recorded = meta.get("store_fingerprint")
             if recorded and recorded != store.fingerprint and not force:
                 store.close()
@@ -254,7 +257,7 @@ def query_record(name: str, path: str | None = None) -> dict:
 
 def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius: int | None = None,
           force: bool = False, grid=None, batch_size: int = 64, device=None, gpu: str = "auto",
-          gpu_shard: bool = False) -> list[dict]:
+          gpu_shard: bool = False, root=None) -> list[dict]:
     """Search `index` for each query and return one dict per query.
 
     Queries are exactly one of: `images` (paths, encoded with `model`), `codes` (a code store: all
@@ -263,7 +266,9 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
     most k). `force`: accept a model or query store whose encoder differs from the index's, and a
     code store that changed since the index was built. `grid`: write a PNG with each query image and
     its neighbours, framed green (relevant) / red (not) when labels are known. `gpu`, `gpu_shard`: as
-    `Index.load` (a flat index goes on all GPUs FAISS sees: a replica on each, or shards).
+    `Index.load` (a flat index goes on all GPUs FAISS sees: a replica on each, or shards). `root`: the
+    folder the index's code store's image paths are relative to, instead of the one it records
+    (images moved on their own).
 
     Each result: {"query", "query_id", "query_path", "query_label", "query_label_name",
     "neighbors": [{"rank", "id", "distance", "path", "label", "label_name", "relevant"}]}.
@@ -286,7 +291,7 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
         raise ConfigError("a model is only used to encode query images; give images too")
 
     with Searcher(index, model, force=force, gpu=gpu, gpu_shard=gpu_shard, device=device,
-                  need_store=bool(ids)) as searcher:
+                  need_store=bool(ids), root=root) as searcher:
         idx = searcher.index
         if images:
             q_codes = searcher.encode([os.fspath(p) for p in images], batch_size=batch_size)

@@ -58,11 +58,12 @@ def merge_parts(parts: list[str], out: str, description: str, data_fingerprint: 
         bits, encoder, label_shape, with_paths = first.bits, first.encoder_fingerprint, first.label_shape, first.has_paths
         attrs = {k: v for k, v in first.attrs.items() if k not in _RESERVED_ATTRS and k != "history"}
         history = json.loads(first.attrs.get("history") or "[]")
+        paths_root = first.images_root()  # paths stay relative to the same folder
     entry = dict(history[-1]) if history else {}
     rows = skipped = 0
     with atomic_path(out, suffix=".merging") as tmp:
         dst = CodeStore.create(tmp, bits, encoder_fingerprint=encoder, source=description, label_shape=label_shape,
-                               with_paths=with_paths, attrs=attrs, overwrite=True)
+                               with_paths=with_paths, attrs=attrs, overwrite=True, paths_root=paths_root)
         try:
             for path in parts:
                 with CodeStore.open(path) as part:

@@ -1,6 +1,6 @@
 """The HDF5 code store: packed binary codes with their ids, labels and paths, in one self-describing file.
 
-Layout (format_version 1)::
+Layout (format_version 1, or 2 when the paths are relative: see below)::
 
     /codes            uint8 (N, bits/8), chunked, resizable. Bit i of a code is
                       (code[i >> 3] >> (i & 7)) & 1 (LSB first, FAISS's order): attr bit_order="little".
@@ -18,6 +18,15 @@ Paths hold each file name's bytes exactly as the file system gives them (`os.fse
 UTF-8 for every name that is valid UTF-8; the Python API returns `str` via `os.fsdecode`, so a name
 with undecodable bytes comes back with surrogate escapes and still opens the same file.
 
+Relative paths (format_version 2, `create(..., paths_root=ROOT)`): the attribute `paths_root` holds
+ROOT relative to the store's folder (and `paths_root_absolute` ROOT as it was), and every path under
+ROOT is stored relative to it (others stay absolute). Readers resolve them against the store's own
+location, so a folder with images and stores keeps working after it is copied or moved; when that
+folder does not exist but the recorded absolute one does (the store alone was moved), that one. A
+`root` given to `open` (the CLI's `--root`) replaces both. `paths()`, `read()` and `skipped()`
+return resolved paths; `images_link()` tells where the root resolves. Version-1 stores hold the
+paths as given (absolute, from `ghindex encode`) and read as before.
+
 A store is `complete` only after `mark_complete()`. Readers refuse an incomplete store (a writer
 that crashed or is still running) unless `allow_incomplete=True`, so a half-written store is never
 mistaken for a finished one. Nothing here reads the whole store unless asked (`codes()`, `ids()`...):
@@ -25,17 +34,21 @@ use `read(start, stop)` and `iter_chunks()` for bounded memory.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import sys
 from datetime import datetime, timezone
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from .errors import StoreError
+from .errors import OutputError, StoreError
 from .hashing import check_bits
+from .io import writing
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this module reads and writes (1: paths as given; 2: relative paths)
 BIT_ORDER = "little"
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # Bytes of one chunk of the widest per-row dataset (codes, or the int64 ids for codes under 64 bits):
@@ -43,9 +56,12 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # dataset fit the chunk cache below.
 CHUNK_BYTES = 128 * 1024
 CHUNK_CACHE_BYTES = 64 * 1024 * 1024
+# Chunk cache of each dataset a writer holds open (`_hold_datasets`).
+HELD_CHUNK_CACHE_BYTES = 4 * 1024 * 1024
 # Rows per batch of `iter_chunks` by default: about this many bytes of codes + ids + labels.
 ITER_BYTES = 32 * 1024 * 1024
-_RESERVED_ATTRS = frozenset({"format_version", "bits", "bit_order", "encoder_fingerprint", "source", "created", "complete"})
+_RESERVED_ATTRS = frozenset({"format_version", "bits", "bit_order", "encoder_fingerprint", "source", "created", "complete",
+                             "paths_root", "paths_root_absolute"})
 
 
 class CodeBatch(NamedTuple):
@@ -111,6 +127,93 @@ def _decode_paths(raw: np.ndarray) -> list[str]:
     return [os.fsdecode(p) if isinstance(p, bytes) else str(p) for p in raw]
 
 
+def _paths_link(store_name: str, root) -> tuple[str, str]:
+    """(root relative to the store's folder, root absolute): what a version-2 store records."""
+    absolute = os.path.abspath(os.fspath(root))
+    try:
+        relative = os.path.relpath(absolute, os.path.dirname(os.path.abspath(store_name)))
+    except ValueError:  # another drive (Windows): only the absolute path can say where it is
+        relative = absolute
+    return relative, absolute
+
+
+def _relative_to(paths: Sequence, root: str) -> list[str]:
+    """Paths under `root` relative to it; others as they are (absolute)."""
+    prefix = root.rstrip(os.sep) + os.sep
+    out = []
+    for p in paths:
+        p = os.fsdecode(p)
+        full = os.path.normpath(os.path.abspath(p))
+        out.append(full[len(prefix):] if full.startswith(prefix) else p)
+    return out
+
+
+def _hold_datasets(f) -> list:
+    """A writer keeps its datasets open, so HDF5 writes appended rows while `append` or `flush` runs
+    (where a failure is caught and reported, after `_ensure_space`), never when a dataset object of
+    `append` is freed (where it could only be printed). Opened with a small chunk cache (shared by
+    every later opening): full chunks go to disk as they fill, and memory stays bounded."""
+    import h5py
+
+    held = []
+    for key in ("codes", "ids", "labels", "paths"):
+        if key in f:
+            access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+            access.set_chunk_cache(521, HELD_CHUNK_CACHE_BYTES, 0.75)
+            held.append(h5py.Dataset(h5py.h5d.open(f.id, key.encode(), access)))
+    return held
+
+
+def _writes(method):
+    """A CodeStore method that writes: failing to write raises OutputError (`CodeStore._writing`)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._writing():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+#: True once HDF5 itself failed to write a file in this process: HDF5 can then neither flush nor close
+#: that file, and its own clean-up when the process exits may crash. `ghindex` (cli/main.py) ends such
+#: a process with os._exit after reporting the error. Writers avoid getting there: see `_ensure_space`.
+hdf5_failed = False
+
+# Space a flush may need beyond its new chunks and path strings: B-tree and object-header updates.
+_SPACE_MARGIN = 64 * 1024
+# Appends flush on their own past this many unflushed bytes (before HDF5's chunk cache would write them).
+_AUTO_FLUSH_BYTES = 32 * 1024 * 1024
+
+
+def _hdf5_write_failed() -> None:
+    """Once a write to an HDF5 file failed, HDF5 cannot flush or close it any more and h5py reports
+    that again whenever one of its objects is freed (a traceback through sys.excepthook, then
+    "Exception ignored in ... __dealloc__"). The failure itself is reported once (OutputError); these
+    echoes are dropped from then on."""
+    global hdf5_failed
+    hdf5_failed = True
+    if getattr(sys.unraisablehook, "_ghindex_h5py_filter", False):
+        return
+    unraisable_hook, excepthook = sys.unraisablehook, sys.excepthook
+
+    def quiet_unraisable(unraisable):
+        where = unraisable.object
+        if not (isinstance(where, str) and where.startswith("h5py.")):
+            unraisable_hook(unraisable)
+
+    def quiet_excepthook(kind, value, tb):
+        last = tb
+        while last is not None and last.tb_next is not None:
+            last = last.tb_next
+        if last is None or "h5py" not in last.tb_frame.f_code.co_filename or \
+                "dealloc" not in last.tb_frame.f_code.co_name:
+            excepthook(kind, value, tb)
+
+    quiet_unraisable._ghindex_h5py_filter = True
+    sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
+
+
 class CodeStore:
     """A code store opened for reading (`open`) or writing (`create`, `open(mode="a")`).
 
@@ -118,12 +221,19 @@ class CodeStore:
     durable, and `mark_complete()` when the store holds everything it should.
     """
 
-    def __init__(self, h5file, path: str, writable: bool):
+    def __init__(self, h5file, path: str, writable: bool, root: str | os.PathLike | None = None):
         self._f = h5file
         self.path = path
         self.writable = writable
         self._fingerprint: str | None = None
         self._n = int(self._f["codes"].shape[0])
+        self._root_override = None if root is None else os.path.abspath(os.fspath(root))
+        self._root: str | None = None  # the resolved images root, once asked for
+        self._failed = False  # a write failed (no space...): nothing more is written; close lets the file go
+        self._dirty = 0  # bytes appended since the last flush (what the next flush writes, about)
+        self._heap = 0  # of which path strings (HDF5 keeps them in heap collections)
+        self._flushed_rows = self._n  # rows when last flushed: chunks up to there exist on disk
+        self._held = _hold_datasets(h5file) if writable else []
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
@@ -139,12 +249,15 @@ class CodeStore:
         chunk_rows: int | None = None,
         attrs: dict[str, Any] | None = None,
         overwrite: bool = False,
+        paths_root: str | os.PathLike | None = None,
     ) -> "CodeStore":
         """Create an empty, incomplete store for `bits`-bit codes.
 
         `label_shape`: None (no labels), `()` (one int64 class per row) or `(C,)` (uint8 multi-hot).
         `attrs`: extra provenance attributes (class_names, protocol, model path...). An existing file
-        is refused unless `overwrite`.
+        is refused unless `overwrite`. `paths_root` (with `with_paths`): the folder the inputs come
+        from; paths under it are stored relative to it and it relative to the store (format version 2,
+        see the module docstring). Failing to write raises OutputError.
         """
         import h5py
 
@@ -161,11 +274,14 @@ class CodeStore:
         if os.path.exists(name) and not overwrite:
             raise StoreError(f"{name} already exists (refusing to overwrite it)")
         parent = os.path.dirname(os.path.abspath(name))
-        os.makedirs(parent, exist_ok=True)
+        with writing(name):
+            os.makedirs(parent, exist_ok=True)
         try:
-            f = h5py.File(name, "w", rdcc_nbytes=CHUNK_CACHE_BYTES)
+            with writing(name):
+                f = h5py.File(name, "w", rdcc_nbytes=CHUNK_CACHE_BYTES)
         except OSError as exc:
             raise StoreError(f"cannot create code store {name}: {str(exc).splitlines()[0]}") from None
+        link = _paths_link(name, paths_root) if (with_paths and paths_root is not None) else None
         try:
             f.create_dataset("codes", shape=(0, code_bytes), maxshape=(None, code_bytes), dtype=np.uint8,
                              chunks=(chunk_rows, code_bytes))
@@ -184,7 +300,9 @@ class CodeStore:
             for key in ("path", "reason"):
                 skipped.create_dataset(key, shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"),
                                        chunks=(256,))
-            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["format_version"] = FORMAT_VERSION if link else 1
+            if link:
+                f.attrs["paths_root"], f.attrs["paths_root_absolute"] = (_attr_value(v) for v in link)
             f.attrs["bits"] = bits
             f.attrs["bit_order"] = BIT_ORDER
             f.attrs["encoder_fingerprint"] = encoder_fingerprint or ""
@@ -195,15 +313,24 @@ class CodeStore:
                 if key in _RESERVED_ATTRS:
                     raise StoreError(f"{name}: attribute {key!r} is reserved")
                 f.attrs[key] = _attr_value(value)
-            f.flush()
-        except BaseException:
-            f.close()
+            with writing(name):
+                f.flush()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                f.close()
+            if isinstance(exc, OutputError):  # a half-made file is of no use to anyone
+                with contextlib.suppress(OSError):
+                    os.remove(name)
             raise
         return cls(f, name, writable=True)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: str = "r", allow_incomplete: bool = False) -> "CodeStore":
+    def open(cls, path: str | os.PathLike, mode: str = "r", allow_incomplete: bool = False,
+             root: str | os.PathLike | None = None) -> "CodeStore":
         """Open an existing store: mode "r" (read) or "a" (append).
+
+        `root`: the folder the store's relative image paths are resolved against, instead of the one
+        it records (`images_root`); it does not apply to stores of absolute paths (format version 1).
 
         Raises StoreError naming the file if it is missing, not HDF5, truncated or corrupt, not a
         ghindex code store, from a newer ghindex, inconsistent, or incomplete (unless
@@ -235,7 +362,7 @@ class CodeStore:
         except BaseException:
             f.close()
             raise
-        return cls(f, name, writable=(mode == "a"))
+        return cls(f, name, writable=(mode == "a"), root=root)
 
     @staticmethod
     def _validate(f, name: str, allow_incomplete: bool) -> None:
@@ -338,6 +465,63 @@ class CodeStore:
         state = "complete" if self.complete else "incomplete"
         return f"<CodeStore {self.path!r}: {self._n} x {self.bits}-bit codes, {state}>"
 
+    # -- image paths ---------------------------------------------------------------------------
+    @property
+    def relative_paths(self) -> bool:
+        """True when the store keeps its image paths relative to a recorded root (format version 2)."""
+        return "paths_root" in self._f.attrs
+
+    def images_link(self) -> dict[str, Any] | None:
+        """Where the image paths' root is: {"recorded" (relative to the store's folder), "absolute"
+        (as recorded), "override" (`root` of `open`), "resolved", "exists"}; None for a store of
+        absolute paths (version 1) or without paths."""
+        if not (self.has_paths and self.relative_paths):
+            return None
+        recorded = _py(self._f.attrs["paths_root"])
+        absolute = _py(self._f.attrs.get("paths_root_absolute", "")) or None
+        resolved = self.images_root()
+        return {"recorded": recorded, "absolute": absolute, "override": self._root_override,
+                "resolved": resolved, "exists": os.path.isdir(resolved)}
+
+    def images_root(self) -> str | None:
+        """The folder relative image paths are resolved against: `root` given to `open`, else the recorded
+        root next to the store (where a copied or moved folder has it), else the recorded absolute
+        root when only that exists. None for a store of absolute paths."""
+        if not self.relative_paths:
+            return None
+        if self._root_override is not None:
+            return self._root_override
+        if self._root is None:
+            recorded = _py(self._f.attrs["paths_root"])
+            absolute = _py(self._f.attrs.get("paths_root_absolute", "")) or None
+            near = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(self.path)), recorded))
+            self._root = absolute if (not os.path.isdir(near) and absolute and os.path.isdir(absolute)) else near
+        return self._root
+
+    def _resolve(self, stored: list[str], root: str | os.PathLike | None = None) -> list[str]:
+        """Stored paths -> paths to open: relative ones joined to `root` or `images_root()`."""
+        if not self.relative_paths:
+            return stored
+        base = os.path.abspath(os.fspath(root)) if root is not None else self.images_root()
+        return [p if (not p or os.path.isabs(p)) else os.path.join(base, p) for p in stored]
+
+    def resolved_paths(self, rows, root: str | os.PathLike | None = None) -> list[str | None]:
+        """The image paths of store rows (positions; -1 gives None), resolved (see `images_root`;
+        `root` replaces it for this call). None for every row when the store keeps no paths."""
+        rows = [int(r) for r in rows]
+        if not self.has_paths:
+            return [None] * len(rows)
+        self._check_open()
+        wanted = sorted({r for r in rows if 0 <= r < self._n})
+        ds = self._f["paths"]
+        if len(wanted) * 50 > self._n:  # many: one sequential read
+            everything = _decode_paths(ds[: self._n])
+            found = {r: everything[r] for r in wanted}
+        else:
+            found = {r: _decode_paths(ds[r : r + 1])[0] for r in wanted}
+        resolved = dict(zip(found, self._resolve(list(found.values()), root)))
+        return [resolved.get(r) for r in rows]
+
     # -- reading -------------------------------------------------------------------------------
     def _check_open(self):
         if not self._f.id.valid:
@@ -352,7 +536,7 @@ class CodeStore:
         f = self._f
         try:
             labels = f["labels"][start:stop] if self.has_labels else None
-            names = _decode_paths(f["paths"][start:stop]) if (paths and self.has_paths) else None
+            names = self._resolve(_decode_paths(f["paths"][start:stop])) if (paths and self.has_paths) else None
             return CodeBatch(f["codes"][start:stop], f["ids"][start:stop], labels, names)
         except OSError as exc:
             raise StoreError(f"{self.path}: cannot read rows {start}:{stop} ({str(exc).splitlines()[0]})") from None
@@ -389,7 +573,7 @@ class CodeStore:
 
     def paths(self) -> list[str] | None:
         self._check_open()
-        return _decode_paths(self._f["paths"][: self._n]) if self.has_paths else None
+        return self._resolve(_decode_paths(self._f["paths"][: self._n])) if self.has_paths else None
 
     def skipped(self) -> list[dict[str, Any]]:
         """Inputs that could not be encoded: [{"position", "path", "reason"}...]."""
@@ -399,7 +583,8 @@ class CodeStore:
         g = self._f["skipped"]
         return [
             {"position": int(pos), "path": p, "reason": r}
-            for pos, p, r in zip(g["position"][:], _decode_paths(g["path"][:]), _decode_paths(g["reason"][:]))
+            for pos, p, r in zip(g["position"][:], self._resolve(_decode_paths(g["path"][:])),
+                                 _decode_paths(g["reason"][:]))
         ]
 
     # -- writing -------------------------------------------------------------------------------
@@ -407,13 +592,83 @@ class CodeStore:
         self._check_open()
         if not self.writable:
             raise StoreError(f"{self.path} is open read-only")
+        if self._failed:
+            raise StoreError(f"{self.path}: an earlier write failed; nothing more is written to it")
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """An HDF5 write: a full disk, read-only file system... raises OutputError(path) and leaves the
+        store failed (HDF5 cannot flush it any more; `close` then only lets it go)."""
+        try:
+            with writing(self.path):
+                yield
+        except OutputError as exc:
+            self._failed = True
+            if not getattr(exc, "before_hdf5", False):
+                _hdf5_write_failed()
+            raise
+
+    def _ensure_space(self, rows: int | None = None) -> None:
+        """Before HDF5 may write what was appended (at a flush, or earlier when its caches fill up): make
+        sure the file system has room for it. If not, raise OutputError while the HDF5 file is still
+        consistent, so that it can be let go cleanly (`abandon`): HDF5 cannot recover from a failed
+        write. (Free space as `statvfs` tells it; a quota or a race can still make HDF5 fail.)"""
+        if not self._dirty:
+            return
+        need = _SPACE_MARGIN + 2 * self._heap  # heap collections hold each string and its header
+        rows = self._n if rows is None else rows
+        for ds in self._held:
+            if ds.chunks and ds.shape:
+                new_chunks = -(-rows // ds.chunks[0]) - (-(-self._flushed_rows // ds.chunks[0]))
+                item = 16 if ds.dtype.kind == "O" else ds.dtype.itemsize
+                need += max(0, new_chunks) * int(np.prod(ds.chunks)) * item
+        need += need // 8
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        except OSError:
+            return
+        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+        if free < need:
+            self._failed = True
+            error = OutputError(self.path, "no space left on device")
+            error.before_hdf5 = True  # HDF5 wrote nothing: `abandon` can still let the file go cleanly
+            raise error
+
+    def abandon(self) -> None:
+        """Let the file go without writing anything more to it (after a failed write, or when the disk is
+        full): what HDF5 still holds in memory goes to /dev/null instead of the disk. The file on disk
+        is left as it was, incomplete and maybe unreadable: a writer that can redo it removes it."""
+        if not self._f.id.valid:
+            return
+        self._failed = True
+        self._held = []
+        try:
+            fd = self._f.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
+        except Exception:  # noqa: BLE001 - not the default file driver: close as well as it goes
+            pass
+        try:
+            self._f.close()
+        except Exception:  # noqa: BLE001
+            _hdf5_write_failed()
+
+    def _stored_paths(self, paths: Sequence) -> Sequence:
+        """Paths as this store keeps them: relative to its images root when it has one."""
+        root = self.images_root()
+        return paths if root is None else _relative_to(paths, root)
 
     def _mark_incomplete(self):
         if self._f.attrs.get("complete", False):
             # An append in place makes the file temporarily not what it claims; say so on disk first.
-            self._f.attrs["complete"] = False
-            self._f.flush()
+            with self._writing():
+                self._f.attrs["complete"] = False
+                self._f.flush()
 
+    @_writes
     def append(self, codes, ids, labels=None, paths=None) -> None:
         """Append rows: codes (n, bits/8) uint8, ids (n,) integers, labels/paths iff the store has them."""
         self._check_writable()
@@ -444,6 +699,14 @@ class CodeStore:
             raise StoreError(f"{self.path}: this store was created without paths")
         if k == 0:
             return
+        if self.has_paths:
+            paths = self._stored_paths(paths)
+        if self._dirty > _AUTO_FLUSH_BYTES:
+            self.flush()
+        heap = sum(len(os.fsencode(p)) + 16 for p in paths) if self.has_paths else 0
+        self._heap += heap
+        self._dirty += codes.nbytes + 8 * k + (0 if labels is None else np.asarray(labels).nbytes) + heap
+        self._ensure_space(self._n + k)
         self._mark_incomplete()
         f, n = self._f, self._n
         try:
@@ -458,6 +721,7 @@ class CodeStore:
             raise StoreError(f"{self.path}: cannot write rows ({str(exc).splitlines()[0]})") from None
         self._n = n + k
 
+    @_writes
     def add_skipped(self, positions: Sequence[int], paths: Sequence, reasons: Sequence[str]) -> None:
         """Record inputs that could not be encoded: their position in the data, path and reason."""
         self._check_writable()
@@ -466,6 +730,8 @@ class CodeStore:
         k = len(positions)
         if not k:
             return
+        if self.has_paths:
+            paths = self._stored_paths(paths)
         self._mark_incomplete()
         g = self._f["skipped"]
         m = g["position"].shape[0]
@@ -474,6 +740,7 @@ class CodeStore:
             g[key].resize(m + k, axis=0)
             g[key][m : m + k] = value
 
+    @_writes
     def set_attrs(self, **values) -> None:
         """Set writer-defined attributes (not the reserved format attributes)."""
         self._check_writable()
@@ -483,16 +750,25 @@ class CodeStore:
             self._f.attrs[key] = _attr_value(value)
 
     def flush(self) -> None:
-        """Write everything appended so far to the file (HDF5 metadata included)."""
+        """Write everything appended so far to the file (HDF5 metadata included). OutputError when the
+        file system cannot take it (checked first: `_ensure_space`)."""
         self._check_open()
         if self.writable:
-            self._f.flush()
+            self._ensure_space()
+            with self._writing():
+                self._f.flush()
+            self._dirty = self._heap = 0
+            self._flushed_rows = self._n
 
     def mark_complete(self) -> None:
         """Declare the store finished: readers accept it from now on."""
         self._check_writable()
-        self._f.attrs["complete"] = True
-        self._f.flush()
+        self._ensure_space()
+        with self._writing():
+            self._f.attrs["complete"] = True
+            self._f.flush()
+        self._dirty = self._heap = 0
+        self._flushed_rows = self._n
 
     # -- deleted rows (`ghindex remove`) -----------------------------------------------------------
     def deleted(self) -> np.ndarray:
@@ -522,7 +798,27 @@ class CodeStore:
         f["deleted"][: self._n] = mask
 
     def close(self) -> None:
-        if self._f.id.valid:
+        """Close the file; a writer's last appends are flushed first (OutputError if they cannot be).
+        After a failed write the file is let go (`abandon`); while another exception is on its way
+        (`with` or `finally`) a failing close is not reported, and after a failed write elsewhere
+        (OutputError) unflushed appends are not risked on a full disk."""
+        if not self._f.id.valid:
+            return
+        pending = sys.exc_info()[1]
+        if self._failed or (pending is not None and self._dirty and isinstance(pending, OutputError)):
+            self.abandon()
+            return
+        if pending is not None:
+            self._held = []
+            try:
+                self._f.close()
+            except Exception:  # noqa: BLE001 - the exception on its way is the one to report
+                _hdf5_write_failed()
+            return
+        if self.writable:
+            self.flush()
+        self._held = []
+        with self._writing():
             self._f.close()
 
     def __enter__(self) -> "CodeStore":

@@ -176,8 +176,38 @@ def _write_log(path: str, history: list[dict]) -> None:
 
 
 def _save_checkpoint(path: str, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)  # through a Python file: a full disk is an OSError, not torch's "unexpected pos"
+
+
+def _with_kept_checkpoint_hint(fn):
+    """`train`: when an output cannot be written (OutputError), say which checkpoint is kept and how to go on."""
+    import functools
+    import inspect
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .errors import OutputError
+
+        try:
+            return fn(*args, **kwargs)
+        except OutputError as exc:
+            out = inspect.signature(fn).bind(*args, **kwargs).arguments.get("out")
+            if out is not None:
+                exc.set_hint(_kept_checkpoint_hint(output_paths(out)["checkpoint"], exc))
+            raise
+
+    return wrapper
+
+
+def _kept_checkpoint_hint(checkpoint: str, exc) -> str:
+    try:
+        epoch = int(_load_checkpoint(checkpoint)["epoch"]) if os.path.exists(checkpoint) else None
+    except Exception:  # noqa: BLE001 - a damaged checkpoint is not one to resume from
+        epoch = None
+    if epoch is None:
+        return f"no checkpoint is kept; {exc.remedy} and rerun"
+    return f"the checkpoint of epoch {epoch} is kept; {exc.remedy} and rerun with resume=True"
 
 
 def _load_checkpoint(path: str) -> dict[str, Any]:
@@ -247,8 +277,8 @@ def _check_outputs(out, resume: bool, overwrite: bool) -> None:
         paths = output_paths(out)
         existing = [paths[k] for k in ("checkpoint", "model") if os.path.exists(paths[k])]
         if existing:
-            raise ConfigError(f"{existing[0]} exists: resume=True (--resume) continues that training, "
-                              "overwrite=True (--overwrite) starts over")
+            raise ConfigError(f"{existing[0]} exists: resume=True continues that training, "
+                              "overwrite=True starts over")
 
 
 def _objective_kind(unsupervised: bool, multi_label: bool, freeze_backbone, batch_size) -> str:
@@ -610,6 +640,7 @@ class _TrainingRun:
         return model
 
 
+@_with_kept_checkpoint_hint
 def train(
     data,
     bits: int = 64,

@@ -1,7 +1,6 @@
 """The `Index` class: a loaded or built FAISS binary index with its metadata; search, range search, add, save."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 
 from ..errors import ConfigError, IndexFileError, SearchError
 from .codes import _check_codes, _check_ids, pad_codes
-from .files import INDEX_FILE, META_FILE, _atomic_dir, _faiss_reason, read_meta
+from .files import INDEX_FILE, META_FILE, _atomic_dir, _faiss_reason, read_meta, write_meta
 from .gpu import GPU_MAX_K, _resolve_gpu, _to_gpu, gpu_count
 from .structures import _apply_params, _inner, _kind_of
 
@@ -82,7 +81,7 @@ class Index:
         self.meta["ntotal"] = int(self._cpu.ntotal)
         with _atomic_dir(target, overwrite) as tmp:
             faiss.write_index_binary(self._cpu, str(tmp / INDEX_FILE))
-            (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True) + "\n")
+            write_meta(tmp, self.meta, target, self.path)  # the store link relative to target
         self.path = target
         return target
 

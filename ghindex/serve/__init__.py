@@ -2,6 +2,10 @@
 
 - `app`: `create_app(index, model=None, ...)` returns the ASGI app (FastAPI): the JSON API under
   /api, Prometheus text at /metrics, the page at /.
+- `parsing`: reading and checking a search request (k, radius, ids, hex codes, uploaded images).
+- `service`: `Service`, the state of one app: the `Searcher`, its micro-batchers and worker threads.
+- `middleware`: `RequestGuard`, in front of every route: token, body-size limit, headers, metrics.
+- `responses`: JSON answers and `ApiError` ({"error": ...}); `openapi`: the schemas /openapi.json shows.
 - `batching`: `MicroBatcher`, one per kind of work (index search, image encoding): requests arriving
   within a few milliseconds go to FAISS / the encoder as one call, in a worker thread.
 - `metrics`: the Prometheus counters and histograms.

@@ -1,0 +1,108 @@
+"""The state of one running app: the `Searcher`, its micro-batchers, their worker threads and the metrics.
+
+FAISS and torch run in the executor's threads, never on the event loop; requests arriving within a
+few milliseconds share one call (see `batching`).
+"""
+from __future__ import annotations
+
+import functools
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..query import Searcher
+from .batching import MicroBatcher
+from .metrics import Metrics
+
+MAX_ENCODE_BATCH = 64  #: images per encoder call
+THUMBNAIL_PX = 256  #: longest side of the images served for the page
+DEFAULT_MAX_UPLOAD = 20 * 2**20
+
+
+@dataclass
+class SearchJob:
+    codes: np.ndarray  # (n, code_bytes) uint8
+    meta: list[dict]  # the query records
+    k: int
+    radius: int | None
+
+
+class Service:
+    """The searcher, its micro-batchers and the metrics of one running app."""
+
+    def __init__(self, searcher: Searcher, *, batch_window_ms: float = 2.0, max_batch: int = 256,
+                 max_upload: int = DEFAULT_MAX_UPLOAD, token: str | None = None):
+        self.searcher = searcher
+        self.index = searcher.index
+        self.max_upload = int(max_upload)
+        self.token = token or None
+        self.metrics = Metrics(self.index.ntotal, self.index.bits)
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ghindex-serve")
+        window = max(0.0, float(batch_window_ms)) / 1000.0
+        self.search_batcher = MicroBatcher(
+            self._search_batch, window_s=window, max_size=max_batch, size=lambda job: len(job.codes),
+            key=lambda job: job.k, executor=self.executor, name="search",
+            on_batch=self.metrics.observe_search_batch)
+        self.encode_batcher = MicroBatcher(
+            self._encode_batch, window_s=window, max_size=min(max_batch, MAX_ENCODE_BATCH), size=len,
+            executor=self.executor, name="encode", on_batch=self.metrics.observe_encode_batch)
+        self.searcher.cache_paths()
+        self._thumbnail = functools.lru_cache(maxsize=512)(_thumbnail)
+
+    # ---- work done in the executor, one call per micro-batch
+    def _search_batch(self, jobs: list[SearchJob]) -> list:
+        codes = jobs[0].codes if len(jobs) == 1 else np.concatenate([job.codes for job in jobs])
+        dist, found = self.searcher.search(codes, jobs[0].k)
+        out, start = [], 0
+        for job in jobs:
+            stop = start + len(job.codes)
+            try:
+                out.append(self.searcher.records(job.meta, dist[start:stop], found[start:stop], job.radius))
+            except Exception as exc:  # noqa: BLE001 - this request's error only
+                out.append(exc)
+            start = stop
+        return out
+
+    def _encode_batch(self, image_lists: list[list]) -> list[np.ndarray]:
+        images = [img for images in image_lists for img in images]
+        codes = self.searcher.encode(images, batch_size=MAX_ENCODE_BATCH)
+        out, start = [], 0
+        for images in image_lists:
+            out.append(codes[start:start + len(images)])
+            start += len(images)
+        return out
+
+    # ---- what handlers call
+    async def search(self, codes: np.ndarray, meta: list[dict], k: int, radius: int | None,
+                     ticket=None) -> list[dict]:
+        return await self.search_batcher.submit(SearchJob(codes, meta, k, radius), ticket)
+
+    async def encode(self, images: list, ticket=None) -> np.ndarray:
+        return await self.encode_batcher.submit(images, ticket)
+
+    def thumbnail(self, path: str) -> tuple[bytes, str]:
+        return self._thumbnail(path)
+
+    async def close(self) -> None:
+        await self.search_batcher.stop()
+        await self.encode_batcher.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.searcher.close()
+
+
+def _thumbnail(path: str) -> tuple[bytes, str]:
+    """A database image at most THUMBNAIL_PX on its longest side: PNG when small, else JPEG."""
+    from PIL import Image
+
+    from ..images import load_image
+
+    img = load_image(path)
+    img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    if img.width * img.height <= 128 * 128:
+        img.save(buf, format="PNG", optimize=True)
+        return buf.getvalue(), "image/png"
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue(), "image/jpeg"
