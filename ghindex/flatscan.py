@@ -15,24 +15,29 @@ Results:
   FAISS's layout and FAISS's strict rule (distance < radius); each query's results are sorted by
   distance, then position.
 
-How it is fast (one pass over the database, ~3x FAISS's binary flat scan per core):
+How it is fast (one pass over the database; 2-4x FAISS's binary flat scan per core, see
+benchmarks/bench_index.py scan):
 
-- Codes are read with unaligned 8-byte (or 4-byte) loads straight from the buffer, whatever its
-  width; 4, 8, 16, 32 and 64-byte codes (32..512 bits) have their own compiled kernel with the
-  width as a constant, other widths share a generic one.
+- Codes are read in place with unaligned 8-byte (or 4-byte) loads, whatever their width. 4, 8, 16,
+  20, 32 and 64-byte codes (FAISS's fast widths, which `ghindex.index` pads to) have kernels
+  compiled with the width as a constant; other widths share a generic kernel, which copies each
+  chunk of the database word-major (a chunk-sized buffer) so that its loops also run over codes.
 - Queries go in tiles of four over blocks of ``BLOCK`` codes: each code loaded is compared with four
   queries while in registers, and the loop keeps only each query's minimum distance over the block
   (no branch per code), which LLVM vectorises (AVX2: nibble-table popcount; AVX-512 VPOPCNTDQ:
-  vector popcount; it compiles for the machine it runs on).
+  vector popcount; numba compiles for the CPU it runs on).
 - A block whose minimum is not below a query's current k-th distance cannot change its top k (a
-  later position never wins a tie), so it is skipped; otherwise it is rescanned for that query and
-  its candidates enter a max-heap of ``distance << 40 | position`` keys. Once the heaps fill, almost
-  every block is skipped: the scan is the popcount loop.
-- The database is walked in chunks of ``CHUNK_BYTES`` (fits in L2) by groups of queries, so a chunk
-  comes from memory once per group. Threads take (query group, database part) items; few queries are
-  split over database parts and merged, so one query still uses every thread.
+  later position never wins a tie), so it is skipped; otherwise its distances are offered to that
+  query's max-heap of ``distance << 40 | position`` keys. Once the heaps fill, almost every block is
+  skipped: the scan is the popcount loop.
+- The database is walked in chunks of ``CHUNK_BYTES`` (they stay in L2) by groups of ``GROUP``
+  queries, so a chunk comes from memory once per group. Threads (a pool; the kernels release the
+  GIL) take (query group, database part) items one at a time; few queries are split over database
+  parts and merged, so one query still uses every thread.
 - For large k (k * LARGE_K_RATIO >= N) a per-query counting selection replaces the heaps: all
   distances, their histogram, then one ordered pass.
+- Range search counts the hits of each query per superblock of codes (same tiles), then a second
+  pass writes them at known offsets, visiting only the superblocks that have any.
 
 The first call with a new code width compiles its kernel (a few seconds of CPU), cached on disk
 (``cache=True``) after that.
@@ -53,7 +58,7 @@ from numba.extending import intrinsic
 from .errors import SearchError
 
 #: Code widths (bytes) with a kernel of their own; other widths share a generic kernel.
-FAST_WIDTHS = (4, 8, 16, 32, 64)
+FAST_WIDTHS = (4, 8, 16, 20, 32, 64)
 #: Queries compared with each loaded code.
 TILE = 4
 #: Codes per pruning block (the unit that is skipped or rescanned).
@@ -172,14 +177,64 @@ def _replace_top(heap, k, key):
 
 
 @numba.njit(inline="always")
-def _rescan(db, qw, width, b0, b1, heap, k):
-    """Offer every code of [b0, b1) to one query's heap (positions increase, so ties never enter)."""
+def _offer(dist, b0, b1, heap, k):
+    """Offer codes [b0, b1), at distances dist[:b1 - b0], to one query's heap. Positions increase
+    from call to call, so a code tied with the heap's largest key comes later and never enters."""
     limit = heap[0] >> _POS_BITS
     for j in range(b0, b1):
-        d = _dist(db, j * width, qw, width)
+        d = dist[j - b0]
         if d < limit:
             _replace_top(heap, k, (d << _POS_BITS) | j)
             limit = heap[0] >> _POS_BITS
+
+
+@numba.njit(inline="always")
+def _rescan(db, qw, width, b0, b1, heap, k, buf):
+    """Offer codes [b0, b1) to one query's heap, distances first (a vectorised loop)."""
+    for j in range(b0, b1):
+        buf[j - b0] = _dist(db, j * width, qw, width)
+    _offer(buf, b0, b1, heap, k)
+
+
+@numba.njit(inline="always")
+def _dist4(db, base, width, q0, q1, q2, q3):
+    return _dist(db, base, q0, width), _dist(db, base, q1, width), _dist(db, base, q2, width), _dist(db, base, q3, width)
+
+
+@numba.njit(inline="always")
+def _transpose(db, width, c0, c1, words):
+    """words[i, j - c0] <- word i of code j, as `_dist` reads it, for codes [c0, c1) (generic widths)."""
+    full = width // 8
+    tail = width % 8
+    for j in range(c0, c1):
+        base = j * width
+        if width < 8:
+            word = np.uint64(0)
+            for b in range(width):
+                word |= np.uint64(db[base + b]) << np.uint64(8 * b)
+            words[0, j - c0] = word
+            continue
+        for i in range(full):
+            words[i, j - c0] = _load64(db, base + 8 * i)
+        if tail:
+            words[full, j - c0] = _load64(db, base + width - 8) >> np.uint64(64 - 8 * tail)
+
+
+@numba.njit(inline="always")
+def _words_dist4(words, j0, j1, q0, q1, q2, q3, dist):
+    """dist[t, j - j0] <- distance of code j of `words` (transposed) to query t, for j in [j0, j1).
+    Codes in the inner loop whatever the number of words: the loop LLVM vectorises."""
+    n = j1 - j0
+    dist[:, :n] = 0
+    for i in range(words.shape[0]):
+        row = words[i]
+        a0, a1, a2, a3 = q0[i], q1[i], q2[i], q3[i]
+        for j in range(n):
+            x = row[j0 + j]
+            dist[0, j] += np.int64(_popcount(x ^ a0))
+            dist[1, j] += np.int64(_popcount(x ^ a1))
+            dist[2, j] += np.int64(_popcount(x ^ a2))
+            dist[3, j] += np.int64(_popcount(x ^ a3))
 
 
 @numba.njit(inline="always")
@@ -196,23 +251,31 @@ def _block_min4(db, width, q0, q1, q2, q3, b0, b1):
         return np.int64(n0), np.int64(n1), np.int64(n2), np.int64(n3)
     m0 = m1 = m2 = m3 = np.int64(1 << 30)
     for j in range(b0, b1):
-        base = j * width
-        m0 = min(m0, _dist(db, base, q0, width))
-        m1 = min(m1, _dist(db, base, q1, width))
-        m2 = min(m2, _dist(db, base, q2, width))
-        m3 = min(m3, _dist(db, base, q3, width))
+        d0, d1, d2, d3 = _dist4(db, j * width, width, q0, q1, q2, q3)
+        m0 = min(m0, d0)
+        m1 = min(m1, d1)
+        m2 = min(m2, d2)
+        m3 = min(m3, d3)
     return m0, m1, m2, m3
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _knn_heap_kernel(db, qwords, k, fast_width, width, lo, hi, heaps):
-    """heaps[q] <- the k smallest keys of query q over database codes [lo, hi), sorted (_EMPTY pads)."""
-    if len(fast_width):
+    """heaps[q] <- the k smallest keys of query q over database codes [lo, hi), sorted (_EMPTY pads).
+
+    Fast widths compare codes straight from `db`; generic widths copy each chunk word-major first
+    (`words`, the size of a chunk), so that their loops run over codes too."""
+    generic = len(fast_width) == 0
+    if not generic:
         width = len(fast_width)
     nq = qwords.shape[0]
     chunk = max(BLOCK, CHUNK_BYTES // width // BLOCK * BLOCK)
+    words = np.empty((qwords.shape[1] if generic else 0, chunk), np.uint64)
+    dist = np.empty((TILE, BLOCK), np.int64)
     for c0 in range(lo, hi, chunk):
         c1 = min(hi, c0 + chunk)
+        if generic:
+            _transpose(db, width, c0, c1, words)
         for t0 in range(0, nq, TILE):
             t1 = t0 + 1 if t0 + 1 < nq else t0
             t2 = t0 + 2 if t0 + 2 < nq else t0
@@ -220,15 +283,21 @@ def _knn_heap_kernel(db, qwords, k, fast_width, width, lo, hi, heaps):
             q0, q1, q2, q3 = qwords[t0], qwords[t1], qwords[t2], qwords[t3]
             for b0 in range(c0, c1, BLOCK):
                 b1 = min(c1, b0 + BLOCK)
+                if generic:
+                    _words_dist4(words, b0 - c0, b1 - c0, q0, q1, q2, q3, dist)
+                    for t, q in enumerate((t0, t1, t2, t3)):
+                        if (t == 0 or q != t0) and dist[t, :b1 - b0].min() < heaps[q, 0] >> _POS_BITS:
+                            _offer(dist[t], b0, b1, heaps[q], k)
+                    continue
                 m0, m1, m2, m3 = _block_min4(db, width, q0, q1, q2, q3, b0, b1)
                 if m0 < heaps[t0, 0] >> _POS_BITS:
-                    _rescan(db, q0, width, b0, b1, heaps[t0], k)
+                    _rescan(db, q0, width, b0, b1, heaps[t0], k, dist[0])
                 if t1 != t0 and m1 < heaps[t1, 0] >> _POS_BITS:
-                    _rescan(db, q1, width, b0, b1, heaps[t1], k)
+                    _rescan(db, q1, width, b0, b1, heaps[t1], k, dist[1])
                 if t2 != t0 and m2 < heaps[t2, 0] >> _POS_BITS:
-                    _rescan(db, q2, width, b0, b1, heaps[t2], k)
+                    _rescan(db, q2, width, b0, b1, heaps[t2], k, dist[2])
                 if t3 != t0 and m3 < heaps[t3, 0] >> _POS_BITS:
-                    _rescan(db, q3, width, b0, b1, heaps[t3], k)
+                    _rescan(db, q3, width, b0, b1, heaps[t3], k, dist[3])
     for q in range(nq):
         heaps[q].sort()
 
@@ -272,32 +341,43 @@ def _knn_count_kernel(db, qwords, k, fast_width, width, n, max_dist, keys):
 def _count_below4(db, width, q0, q1, q2, q3, b0, b1, radius):
     c0 = c1 = c2 = c3 = np.int64(0)
     for j in range(b0, b1):
-        base = j * width
-        c0 += _dist(db, base, q0, width) < radius
-        c1 += _dist(db, base, q1, width) < radius
-        c2 += _dist(db, base, q2, width) < radius
-        c3 += _dist(db, base, q3, width) < radius
+        d0, d1, d2, d3 = _dist4(db, j * width, width, q0, q1, q2, q3)
+        c0 += d0 < radius
+        c1 += d1 < radius
+        c2 += d2 < radius
+        c3 += d3 < radius
     return c0, c1, c2, c3
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _range_count_kernel(db, qwords, radius, fast_width, width, n, s0, s1, counts):
     """counts[q, s] <- codes of superblock s (s0 <= s < s1) closer than `radius` to query q."""
-    if len(fast_width):
+    generic = len(fast_width) == 0
+    if not generic:
         width = len(fast_width)
     nq = qwords.shape[0]
-    for t0 in range(0, nq, TILE):
-        t1 = t0 + 1 if t0 + 1 < nq else t0
-        t2 = t0 + 2 if t0 + 2 < nq else t0
-        t3 = t0 + 3 if t0 + 3 < nq else t0
-        q0, q1, q2, q3 = qwords[t0], qwords[t1], qwords[t2], qwords[t3]
-        for s in range(s0, s1):
-            c0, c1, c2, c3 = _count_below4(db, width, q0, q1, q2, q3, s * SUPERBLOCK,
-                                           min(n, (s + 1) * SUPERBLOCK), radius)
-            counts[t0, s] = c0
-            counts[t1, s] = c1
-            counts[t2, s] = c2
-            counts[t3, s] = c3
+    words = np.empty((qwords.shape[1] if generic else 0, SUPERBLOCK), np.uint64)
+    dist = np.empty((TILE, SUPERBLOCK), np.int64)
+    for s in range(s0, s1):
+        c0 = s * SUPERBLOCK
+        c1 = min(n, c0 + SUPERBLOCK)
+        if generic:
+            _transpose(db, width, c0, c1, words)
+        for t0 in range(0, nq, TILE):
+            t1 = t0 + 1 if t0 + 1 < nq else t0
+            t2 = t0 + 2 if t0 + 2 < nq else t0
+            t3 = t0 + 3 if t0 + 3 < nq else t0
+            q0, q1, q2, q3 = qwords[t0], qwords[t1], qwords[t2], qwords[t3]
+            if generic:
+                _words_dist4(words, 0, c1 - c0, q0, q1, q2, q3, dist)
+                for t, q in enumerate((t0, t1, t2, t3)):
+                    counts[q, s] = np.sum(dist[t, :c1 - c0] < radius)
+                continue
+            a0, a1, a2, a3 = _count_below4(db, width, q0, q1, q2, q3, c0, c1, radius)
+            counts[t0, s] = a0
+            counts[t1, s] = a1
+            counts[t2, s] = a2
+            counts[t3, s] = a3
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")

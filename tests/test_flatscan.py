@@ -2,7 +2,7 @@
 
 Reference: `hamming_distances` (numpy) and a stable argsort, i.e. ties ranked by database position;
 distances are also checked against FAISS's IndexBinaryFlat. Widths: the compiled fast widths (4, 8, 16,
-32, 64 bytes) and widths the generic kernel takes (1-3, 5-7 bytes, a 4-byte tail, > 64 bytes).
+20, 32, 64 bytes) and widths the generic kernel takes (1-3, 5-7 bytes, byte tails, > 64 bytes).
 """
 import faiss
 import numpy as np
