@@ -46,6 +46,9 @@ from ghindex.data import PROTOCOLS
 @click.option("--center/--no-center", default=None,
               help="Unsupervised: centre features (mean of the training set) for the cosine target and the "
                    "projection. [default: by --preset: centred, paper: not]")
+@click.option("--init", type=click.Choice(["pca", "random"]), default=None,
+              help="Unsupervised: start the hash layer from rotated principal directions of the centred features "
+                   "(pca) or PyTorch's random init. [default: by --preset: pca, paper: random]")
 @click.option("--backbone-lr-scale", type=float, default=None,
               help="Fine-tuning: backbone layers learn at --lr times this. [default: by --preset for pretrained "
                    "weights, 1 for random ones]")

@@ -77,14 +77,20 @@ MAX_VAL_DATABASE = 10_000  # the held-out queries are ranked against at most thi
 # RESULTS.md "Training defaults"); "paper": GreedyHash's published CIFAR settings (Su et al. 2018).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
-        "unsupervised": dict(lr=1e-2, alpha=1.0, center=True, epochs=20, batch_size=32, backbone_lr_scale=1.0),
-        "frozen": dict(lr=1e-2, alpha=0.1, center=True, epochs=50, batch_size=32, backbone_lr_scale=1.0),
-        "finetune": dict(lr=1e-3, alpha=0.1, center=True, epochs=50, batch_size=32, backbone_lr_scale=0.1),
+        "unsupervised": dict(lr=1e-2, alpha=1.0, center=True, init="pca", epochs=20, batch_size=256,
+                             backbone_lr_scale=1.0),
+        "frozen": dict(lr=1e-2, alpha=0.1, center=True, init="random", epochs=30, batch_size=32,
+                       backbone_lr_scale=1.0),
+        "finetune": dict(lr=1e-3, alpha=0.1, center=True, init="random", epochs=50, batch_size=32,
+                         backbone_lr_scale=0.1),
     },
     "paper": {
-        "unsupervised": dict(lr=1e-4, alpha=0.1, center=False, epochs=50, batch_size=32, backbone_lr_scale=1.0),
-        "frozen": dict(lr=1e-3, alpha=0.1, center=True, epochs=100, batch_size=32, backbone_lr_scale=1.0),
-        "finetune": dict(lr=1e-3, alpha=0.1, center=True, epochs=100, batch_size=32, backbone_lr_scale=1.0),
+        "unsupervised": dict(lr=1e-4, alpha=0.1, center=False, init="random", epochs=50, batch_size=32,
+                             backbone_lr_scale=1.0),
+        "frozen": dict(lr=1e-3, alpha=0.1, center=True, init="random", epochs=100, batch_size=32,
+                       backbone_lr_scale=1.0),
+        "finetune": dict(lr=1e-3, alpha=0.1, center=True, init="random", epochs=100, batch_size=32,
+                         backbone_lr_scale=1.0),
     },
 }
 
@@ -330,6 +336,22 @@ def _held_out_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def _pca_init(x: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
+    """Hash-layer weights (bits, dim) for centred features x: the top principal directions (as many as there
+    are, at most `bits`; random directions for the rest) turned by a seeded random rotation, as ITQ starts,
+    scaled so that H has a mean square of 1. Training then starts from codes about as good as ITQ's."""
+    x64 = x.double().cpu()
+    evals, evecs = torch.linalg.eigh(x64.T @ x64 / max(len(x64) - 1, 1))
+    top = evecs[:, torch.argsort(evals, descending=True)[:bits]].T  # (<= bits, dim)
+    rng = np.random.default_rng([int(seed), 16])
+    if len(top) < bits:
+        top = torch.cat([top, torch.from_numpy(rng.normal(size=(bits - len(top), x.shape[1])))])
+    rotation, _ = np.linalg.qr(rng.normal(size=(bits, bits)))
+    w = torch.from_numpy(rotation) @ top
+    h = x64 @ w.T
+    return (w / h.pow(2).mean().sqrt().clamp_min(1e-30)).float()
+
+
 def _unset():
     return field(init=False, default=None, repr=False)
 
@@ -367,6 +389,7 @@ class _TrainingRun:
     val_every: int = 5  # held-out mAP every this many epochs, and after the last
     keep_best: bool = False  # keep the model of the best held-out mAP instead of the last
     preset: str = "default"
+    init: str = "random"  # unsupervised, centred: "pca" starts the hash layer from rotated principal directions
 
     # prepare_data
     source: DataSource = _unset()
@@ -391,7 +414,9 @@ class _TrainingRun:
     cached: torch.Tensor | None = _unset()  # frozen: the backbone's features of the training items
     labels_cached: torch.Tensor | None = _unset()  # their labels
     cached_rows: np.ndarray | None = _unset()  # frozen: which training items `cached` holds (those that decoded)
-    tie_bias: torch.Tensor | None = _unset()  # unsupervised, centred: the mean feature the bias is tied to
+    tie_bias: torch.Tensor | None = _unset()  # unsupervised, centred: what the bias is tied to (0 on the centred cache)
+    feature_mean: torch.Tensor | None = _unset()  # unsupervised, centred: the cache is (f - mean) * scale
+    feature_scale: float | None = _unset()
     dataset: ImageDataset | None = _unset()  # not frozen: the training images
     # held-out slice (prepare_data, prepare_inputs)
     val_source: DataSource | None = _unset()  # held-out training items (None: no held-out evaluation)
@@ -448,6 +473,7 @@ class _TrainingRun:
             "freeze_backbone": self.frozen, "lr": self.lr, "lr_step": self.lr_step, "momentum": float(self.momentum),
             "weight_decay": float(self.weight_decay), "batch_size": int(self.batch_size), "alpha": float(self.alpha),
             "image_size": int(self.image_size), "center": bool(self.center) if kind == "unsupervised" else None,
+            "init": self.init if kind == "unsupervised" and self.center else "random",
             "augment": bool(self.augment) and not self.frozen,
             "backbone_lr_scale": float(self.backbone_lr_scale) if not self.frozen else None,
             "val_items": len(self.val_source) if self.val_source is not None else 0,
@@ -528,20 +554,30 @@ class _TrainingRun:
         """What the epochs read: cached frozen features (once), or a dataset of images; and the objective."""
         self.objective = Objective(self.kind, alpha=self.alpha)
         model, device = self.model, self.device
-        if self.frozen and self.start_epoch < self.epochs:
+        # (unsupervised, centred: the saved layer needs the cache's mean and scale even with no epoch left)
+        if self.frozen and (self.start_epoch < self.epochs or (self.kind == "unsupervised" and self.center)):
             cached, kept = _extract_features_sharded(model, self.source, device, max(self.batch_size, 64), self.workers,
                                                      self.autocast, self.progress)
             self.cached_rows = kept
             labels_cached = self.labels[torch.from_numpy(kept)] if self.labels is not None else None
             if self.kind == "unsupervised" and self.center:
-                # Centred projection H = W (f - mean): with a free bias, the penalty's easiest minimum is a
-                # constant bit (W_k = 0, bias = +-1); tying the bias to -W mean keeps every bit split
-                # around the mean feature. The bias is folded in after each step, so checkpoints and the
-                # saved encoder compute W f + b as usual.
-                self.objective.center = self.tie_bias = cached.double().mean(0).float().to(device)
+                # Centred, scaled projection H = W s (f - mean). Centred: with a free bias, the penalty's
+                # easiest minimum is a constant bit (W_k = 0, bias = +-1), so the bias stays 0 on the centred
+                # cache and every bit splits around the mean feature; the cosine target is taken between
+                # centred features. Scaled: s gives the centred features a mean squared value of 1 per
+                # coordinate, so the same lr and alpha suit features of any scale (unscaled, lr 1e-2 diverged
+                # on one extractor and would barely move unit-norm embeddings). `save` folds mean and scale
+                # into the saved layer (W s, -W s mean), which then reads raw features like any other.
+                centred = cached.double() - cached.double().mean(0)
+                self.feature_mean = cached.double().mean(0).float()
+                self.feature_scale = math.sqrt(cached.shape[1] / max(float(centred.pow(2).sum(1).mean()), 1e-30))
+                cached = (centred * self.feature_scale).float()
+                self.tie_bias = torch.zeros(cached.shape[1], device=device)
                 model.hash_layer.bias.requires_grad_(False)  # no gradient, momentum or decay
                 with torch.no_grad():
-                    model.hash_layer.bias.copy_(-model.hash_layer.weight @ self.tie_bias)
+                    model.hash_layer.bias.zero_()
+                    if self.init == "pca" and self.start_epoch == 0:
+                        model.hash_layer.weight.copy_(_pca_init(cached, self.bits, self.seed).to(device))
             if device.type == "cuda" and cached.numel() * 4 < 4 << 30:
                 cached = cached.to(device)
                 labels_cached = labels_cached.to(device) if labels_cached is not None else None
@@ -557,6 +593,8 @@ class _TrainingRun:
             if self.frozen:
                 val, kept = _extract_features_sharded(model, self.val_source, device, max(self.batch_size, 64),
                                                       self.workers, self.autocast, False)
+                if self.feature_scale is not None:
+                    val = (val - self.feature_mean) * self.feature_scale
                 self.val_cached, self.val_labels = val.to(self.cached.device), self.val_labels[kept]
 
     def held_out_map(self) -> float:
@@ -626,9 +664,15 @@ class _TrainingRun:
             model.load_state_dict(self.best["model"])
             selection = (f"best held-out mAP {self.best['val_map']:.4f}, epoch {self.best['epoch']} "
                          "(query labels never used)")
+        if self.feature_scale is not None:  # trained on (f - mean) * scale: the saved layer reads raw f
+            layer = model.hash_layer
+            with torch.no_grad():
+                layer.weight.mul_(self.feature_scale)
+                layer.bias.copy_(-layer.weight @ self.feature_mean.to(layer.weight))
         model.config.extra["training"] = {
             **self.signature, **self.weights_info, "epochs": self.epochs, "preset": self.preset,
             "selection": selection, "final": self.history[-1] if self.history else None,
+            "feature_scale": self.feature_scale,
             "device": str(self.device), "amp": str(self.amp_dtype) if self.use_amp else None,
             "torch": torch.__version__, "python": platform.python_version(), "processes": self.world,
             "splits_file": os.path.basename(paths["splits"]) if paths and self.splits is not None else None,
@@ -664,6 +708,7 @@ def train(
     alpha: float | None = None,
     image_size: int = 224,
     center: bool | None = None,
+    init: str | None = None,
     augment: bool = True,
     backbone_lr_scale: float | None = None,
     val_fraction: float = 0.05,
@@ -695,7 +740,10 @@ def train(
         lr * this (1 when the backbone starts from random weights).
     alpha: weight of the quantization penalty mean(|H - sgn(H)|^3).
     center: unsupervised only: subtract the mean training feature before taking cosines, and
-        project centred features (hash-layer bias tied to -W mean, so bits stay balanced).
+        project centred features scaled to a mean square of 1 per coordinate (hash-layer bias tied to
+        -W mean, so bits stay balanced). init: unsupervised and centred: ``pca`` starts the hash layer
+        from the principal directions under a random rotation (as ITQ starts), ``random`` from
+        PyTorch's default init.
     augment: random horizontal flips while fine-tuning (never applied to cached frozen features).
     val_fraction: held-out slice of the (labelled) training items, at most 1,000, whose mAP against
         the rest is logged every `val_every` epochs and after the last (0: none; slices under 10
@@ -712,7 +760,9 @@ def train(
     chosen = PRESETS[preset][group]
     pick = lambda value, key: chosen[key] if value is None else value  # noqa: E731
     epochs, lr, batch_size, alpha = pick(epochs, "epochs"), pick(lr, "lr"), pick(batch_size, "batch_size"), pick(alpha, "alpha")
-    center = pick(center, "center")
+    center, init = pick(center, "center"), pick(init, "init")
+    if init not in ("random", "pca"):
+        raise ConfigError(f"init must be 'random' or 'pca', got {init!r}")
     _check_args(bits, epochs, lr, lr_step, momentum, weight_decay, batch_size, alpha, image_size, workers,
                 backbone_lr_scale, val_fraction, val_every, preset)
     _check_outputs(out, resume, overwrite)
@@ -727,7 +777,7 @@ def train(
         workers=int(workers if workers is not None else min(4, os.cpu_count() or 1)),
         paths=output_paths(out) if out is not None else None,
         backbone_lr_scale=backbone_lr_scale, val_fraction=float(val_fraction), val_every=int(val_every),
-        keep_best=bool(keep_best), preset=preset,
+        keep_best=bool(keep_best), preset=preset, init=init,
     )
     run.prepare_data(data, root)
     checkpoint = run.read_checkpoint() if resume else None

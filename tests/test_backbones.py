@@ -145,15 +145,19 @@ def test_cli_backbones_table_and_json(runner, offline):
 
 
 # -- training: any backbone, default weights, presets, held-out mAP ---------------------------------
-def test_train_any_torchvision_backbone(tmp_path, runner):
+@pytest.mark.parametrize("name, dim", [
+    ("mobilenet_v3_small", 1024),
+    pytest.param("convnext_tiny", 768, marks=pytest.mark.slow),  # 28M parameters: ~30 s on a busy CPU
+])
+def test_train_any_torchvision_backbone(tmp_path, runner, name, dim):
     folder = make_images(str(tmp_path / "imgs"), per_class=3)
     out = tmp_path / "c.ghm"
-    result = runner.invoke(cli, ["train", folder, "--backbone", "convnext_tiny", "--weights", "none", "--bits", "8",
+    result = runner.invoke(cli, ["train", folder, "--backbone", name, "--weights", "none", "--bits", "8",
                                  "--image-size", "32", "--epochs", "1", "--batch-size", "6", "--workers", "0",
                                  "--out", str(out), "--device", "cpu", "--no-progress"])
     assert result.exit_code == 0, result.output
     model = ghindex.Encoder.load(out)
-    assert model.config.backbone == "convnext_tiny" and model.config.feature_dim == 768
+    assert model.config.backbone == name and model.config.feature_dim == dim
     assert model.config.extra["training"]["backbone_lr_scale"] == 1.0  # random weights: one learning rate
 
 
@@ -239,7 +243,7 @@ def test_held_out_map_in_log_and_keep_best(tmp_path, runner):
 
 
 def test_resume_with_held_out_and_keep_best_is_bit_identical(tmp_path, monkeypatch):
-    from test_train import Crash
+    from test_train import train_until_crash
 
     feats, labels = blobs(n_per_class=50, dim=10, classes=2, seed=4, spread=1.2)
     data = DataSource("features", "blobs", features=feats, labels=labels)
@@ -248,19 +252,22 @@ def test_resume_with_held_out_and_keep_best_is_bit_identical(tmp_path, monkeypat
     full = tmp_path / "full.ghm"
     ghindex.train(data, out=full, **common)
     part = tmp_path / "part.ghm"
-    real = train_module._write_log
-
-    def crash(path, history):
-        real(path, history)
-        if len(history) == 2:
-            raise Crash()
-
-    monkeypatch.setattr(train_module, "_write_log", crash)
-    with pytest.raises(Crash):
-        ghindex.train(data, out=part, **common)
-    monkeypatch.setattr(train_module, "_write_log", real)
+    train_until_crash(monkeypatch, data, part, 2, **common)
     ghindex.train(data, out=part, resume=True, **common)
     a, b = state_of(full), state_of(part)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert ghindex.Encoder.load(full).config.extra["training"]["selection"] == \
         ghindex.Encoder.load(part).config.extra["training"]["selection"]
+
+
+def test_unsupervised_defaults_do_not_depend_on_the_feature_scale():
+    feats, _ = blobs(n_per_class=40, dim=12, classes=3, seed=6)
+    feats = np.abs(feats)
+    run = dict(bits=16, unsupervised=True, epochs=2, device="cpu", progress=False)
+    small = ghindex.train(DataSource("features", "x", features=feats), **run)
+    big = ghindex.train(DataSource("features", "x", features=feats * 1000), **run)
+    a, b = small.encode(torch.from_numpy(feats)), big.encode(torch.from_numpy(feats * 1000))
+    assert np.unpackbits(a ^ b).mean() < 0.02  # the same codes up to float rounding
+    assert small.config.extra["training"]["init"] == "pca"
+    assert big.config.extra["training"]["feature_scale"] == pytest.approx(
+        small.config.extra["training"]["feature_scale"] / 1000, rel=1e-6)

@@ -287,6 +287,21 @@ class Crash(Exception):
     pass
 
 
+def train_until_crash(monkeypatch, data, out, epochs_done, **kwargs):
+    """`ghindex.train(data, out=out, **kwargs)` killed right after writing the log of epoch `epochs_done`."""
+    real_write_log = train_module._write_log
+
+    def crash_after(path, history):
+        real_write_log(path, history)
+        if len(history) == epochs_done:
+            raise Crash()
+
+    monkeypatch.setattr(train_module, "_write_log", crash_after)
+    with pytest.raises(Crash):
+        ghindex.train(data, out=out, **kwargs)
+    monkeypatch.setattr(train_module, "_write_log", real_write_log)
+
+
 @pytest.mark.parametrize("case", ["finetune-images", "unsupervised-features"])
 def test_resume_reaches_the_same_weights(tmp_path, monkeypatch, case):
     if case == "finetune-images":
@@ -301,17 +316,7 @@ def test_resume_reaches_the_same_weights(tmp_path, monkeypatch, case):
     ghindex.train(data, out=full, **common)
 
     part = tmp_path / "part.ghm"
-    real_write_log = train_module._write_log
-
-    def crash_after_second_epoch(path, history):
-        real_write_log(path, history)
-        if len(history) == 2:
-            raise Crash()
-
-    monkeypatch.setattr(train_module, "_write_log", crash_after_second_epoch)
-    with pytest.raises(Crash):
-        ghindex.train(data, out=part, **common)
-    monkeypatch.setattr(train_module, "_write_log", real_write_log)
+    train_until_crash(monkeypatch, data, part, 2, **common)
     assert not part.exists() and torch.load(str(part) + ".ckpt", weights_only=True)["epoch"] == 2
 
     with pytest.raises(ConfigError, match="seed"):
