@@ -782,6 +782,7 @@ class CodeStore:
     def num_deleted(self) -> int:
         return int(self.deleted().sum()) if "deleted" in self._f else 0
 
+    @_writes
     def mark_deleted(self, rows) -> None:
         """Mark rows (positions) deleted; their codes and ids stay, builds and metrics leave them out."""
         self._check_writable()
