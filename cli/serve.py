@@ -29,8 +29,11 @@ import click
               help="Accept a model from another encoder than the index's, or a code store changed since the build.")
 @click.option("--gpu", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Search a flat index on all GPUs FAISS sees (auto: when there are any; on: fail without).")
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="Folder the database images now live in, when they moved apart from the code store. "
+                   "[default: the folder the store records, relative to the store]")
 @click.option("--device", default="cpu", show_default=True, help="Device of the model that encodes uploads.")
-def serve(index, model, host, port, token, max_upload, batch_window_ms, max_batch, cors_origins, force, gpu, device):
+def serve(index, model, host, port, token, max_upload, batch_window_ms, max_batch, cors_origins, force, gpu, root, device):
     """Serve a web page and a JSON API to search INDEX by image, id or code, until Ctrl-C.
 
     API: GET /api/health, GET /api/info, POST /api/search, GET /api/items/ID, GET /api/items/ID/image;
@@ -46,4 +49,4 @@ def serve(index, model, host, port, token, max_upload, batch_window_ms, max_batc
                           "pip install 'ghindex[serve]'") from None
     serve_fn(index, model, host=host, port=port, token=token, max_upload=max_upload,
              batch_window_ms=batch_window_ms, max_batch=max_batch, cors_origins=cors_origins, force=force,
-             gpu=gpu, device=device)
+             gpu=gpu, device=device, root=root)

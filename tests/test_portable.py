@@ -225,3 +225,20 @@ def test_info_output_ends_with_one_newline(site, runner):
         for fmt in ("text", "json"):
             out = run(runner, "info", path, "--format", fmt)
             assert out.endswith("\n") and not out.endswith("\n\n"), (path, fmt)
+
+
+def test_service_serves_thumbnails_from_a_moved_folder(moved):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from ghindex.serve import create_app
+
+    work = moved / "work"
+    with TestClient(create_app(work / "index", work / "model.ghm", gpu="off", device="cpu")) as client:
+        item = client.get("/api/items/2").json()
+        assert item["path"].startswith(str(moved)) and os.path.isfile(item["path"])
+        image = client.get("/api/items/2/image")
+        assert image.status_code == 200 and image.headers["content-type"].startswith("image/")
+    (moved / "data").rename(moved / "pictures")
+    with TestClient(create_app(work / "index", gpu="off", root=moved / "pictures" / "db")) as client:
+        assert client.get("/api/items/2/image").status_code == 200
