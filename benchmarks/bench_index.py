@@ -6,6 +6,8 @@
     .venv/bin/python benchmarks/bench_index.py --parts gpu      # needs faiss-gpu and a CUDA device
     .venv/bin/python benchmarks/bench_index.py lifecycle --n 10000000   # add 10% vs rebuild (issue 16)
     .venv/bin/python benchmarks/bench_index.py tune --n 10000000        # tuned nprobe on held-out queries
+    .venv/bin/python benchmarks/bench_index.py scan --quick             # exact scan vs FAISS, < 2 minutes
+    .venv/bin/python benchmarks/bench_index.py scan                     # the full grid, < 15 minutes on 2 cores
 
 Bars:
 1. 1M random 64-bit codes, 1,000 queries, k=10: ghindex flat search >= 0.95x the throughput of a bare
@@ -23,6 +25,14 @@ Bars:
 6. `tune` (issue 16): `build(target_recall=R)` on N codes; the chosen nprobe's recall@10 on a separate
    set of fresh queries must be within 0.01 of R (more targets are tuned on the same index with the
    same code path).
+7. `scan` (issue 17): exact search of a flat index on the CPU, `Index.search` (engine ghindex:
+   ghindex.flatscan) against a bare faiss.IndexBinaryFlat with its best query_batch_size, side by side
+   in one process, for 1M and 10M random codes of 32/64/128/256 bits, 1 and 10,000 queries, k = 1, 10,
+   100, 1 and 2 threads: queries/s, codes/s per core, the ratio (bar at 1M 64-bit, k = 10: >= 2.5x with
+   both thread counts) and codes per CPU cycle per core (clock from /proc/cpuinfo). Distances are
+   checked equal in every cell. A cell of 10,000 queries times the first m of them (m sized so that
+   one FAISS pass takes about 0.3 s, at least 32): throughput is linear in the number of queries once
+   there are enough to batch, and the whole grid then fits in 15 minutes.
 
 How the structured codes are made (part 3): SimHash of a Gaussian mixture, i.e. codes = sign(W x)
 packed LSB-first, with W a fixed random 128x64 Gaussian projection and x = c_j + s_j * e, e ~ N(0, I)
@@ -329,6 +339,110 @@ def part_gpu(rng, lines, n_queries=10_000):
         print(lines[-1], file=sys.stderr)
 
 
+# --------------------------------------------------------------------------------------------- scan
+SCAN_FULL = dict(sizes=(1_000_000, 10_000_000), bits=(32, 64, 128, 256), queries=(1, 10_000), ks=(1, 10, 100),
+                 threads=(1, 2), batches=(32, 256, 1024, 4096), repeats=3)
+SCAN_QUICK = dict(sizes=(1_000_000,), bits=(64, 256), queries=(1, 10_000), ks=(10,), threads=(1, 2),
+                  batches=(256, 1024), repeats=2)
+#: 64-bit words one timed FAISS pass should scan per thread (FAISS does about 1e9 per second per core).
+SCAN_PASS_WORDS = 3e8
+#: The issue-17 bar: Index.search / bare IndexBinaryFlat at 1M 64-bit codes, k = 10, 1 and 2 threads.
+SCAN_BAR = 2.5
+
+
+def cpu_hz() -> float | None:
+    """The CPU clock /proc/cpuinfo reports (first `cpu MHz`), in Hz; None where there is none. A virtual
+    machine reports its nominal clock, and turbo is not counted: codes per cycle are then an upper bound."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("cpu mhz"):
+                    return float(line.split(":")[1]) * 1e6
+    except OSError:
+        pass
+    return None
+
+
+def alternate(searches: dict, queries, repeats: int) -> dict:
+    """Median seconds per pass of each contender, passes alternated so machine load hits all alike."""
+    times = {name: [] for name in searches}
+    for _ in range(repeats):
+        for name, search in searches.items():
+            start = time.perf_counter()
+            search(queries)
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def effective_batches(batches, m):
+    """The query_batch_size values that behave differently on m queries (all sizes >= m act alike)."""
+    below = [b for b in sorted(batches) if b < m]
+    above = [b for b in sorted(batches) if b >= m]
+    return below + above[:1]
+
+
+def part_scan(cfg: dict, lines: list) -> bool:
+    """The issue-17 grid (see the module docstring); returns whether the bar was met."""
+    hz = cpu_hz()
+    lines += ["", "### Exact scan: Index.search (engine ghindex) vs bare faiss.IndexBinaryFlat, random codes", "",
+              f"CPU clock {hz / 1e9:.2f} GHz (/proc/cpuinfo). FAISS: best query_batch_size of "
+              f"{', '.join(map(str, cfg['batches']))} per cell (in brackets). Median of {cfg['repeats']} "
+              "alternated passes. 'timed' = queries per pass (see the module docstring).", "",
+              "| codes | bits | queries (timed) | k | threads | FAISS q/s [batch] | ghindex q/s | ghindex / FAISS | "
+              "FAISS codes/s/core | ghindex codes/s/core | ghindex codes/cycle/core |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    bar_ratios = []
+    saved_threads = faiss.omp_get_max_threads()
+    try:
+        for n in cfg["sizes"]:
+            for bits in cfg["bits"]:
+                rng = np.random.default_rng(bits)
+                database = rng.integers(0, 256, (n, bits // 8), dtype=np.uint8)
+                pool = rng.integers(0, 256, (max(cfg["queries"]), bits // 8), dtype=np.uint8)
+                bare = faiss.IndexBinaryFlat(bits)
+                bare.add(database)
+                ours = build_from_arrays(database, index_key="BFlat")
+                del database
+                for nq in cfg["queries"]:
+                    for k in cfg["ks"]:
+                        for threads in cfg["threads"]:
+                            faiss.omp_set_num_threads(threads)
+                            m = nq if nq == 1 else int(np.clip(SCAN_PASS_WORDS * threads / (n * bits / 64), 32, nq))
+                            queries = pool[:m]
+                            batches = effective_batches(cfg["batches"], m) if m > 1 else cfg["batches"][:1]
+
+                            def faiss_search(q, b=None):
+                                bare.query_batch_size = b
+                                return bare.search(q, k)
+
+                            searches = {b: (lambda q, b=b: faiss_search(q, b)) for b in batches}
+                            searches["ghindex"] = lambda q: ours.search(q, k)
+                            d_faiss, _ = searches[batches[0]](queries)  # also the warm-up (and compiles)
+                            d_ours, _ = searches["ghindex"](queries)
+                            assert np.array_equal(d_faiss, d_ours), f"distances differ: {n} x {bits} bits, k={k}"
+                            seconds = alternate(searches, queries, cfg["repeats"])
+                            best = min(batches, key=lambda b: seconds[b])
+                            ratio = seconds[best] / seconds["ghindex"]
+                            per_core = {name: n * m / t / threads for name, t in seconds.items()}
+                            per_cycle = f"{per_core['ghindex'] / hz:.2f}" if hz else "?"
+                            lines.append(
+                                f"| {n:,} | {bits} | {nq:,} ({m:,}) | {k} | {threads} | "
+                                f"{m / seconds[best]:,.0f} [{best}] | {m / seconds['ghindex']:,.0f} | {ratio:.2f}x | "
+                                f"{per_core[best] / 1e9:.2f} G | {per_core['ghindex'] / 1e9:.2f} G | {per_cycle} |")
+                            print(lines[-1], file=sys.stderr, flush=True)
+                            if n == 1_000_000 and bits == 64 and k == 10 and nq > 1:
+                                bar_ratios.append(ratio)
+                del bare, ours
+    finally:
+        faiss.omp_set_num_threads(saved_threads)
+    met = bool(bar_ratios) and min(bar_ratios) >= SCAN_BAR
+    if bar_ratios:
+        lines += ["", f"Bar (1M 64-bit, k = 10, {', '.join(map(str, cfg['threads']))} threads): "
+                      f"ghindex / FAISS = {', '.join(f'{r:.2f}x' for r in bar_ratios)}, >= {SCAN_BAR}x: "
+                      f"{'met' if met else 'NOT met'}."]
+    return met
+
+
 def main():
     # (no abbreviations: `lifecycle --n` must not read as a prefix of --n-flat / --n-ivf / --nprobes)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
@@ -343,6 +457,11 @@ def main():
         if name == "tune":
             p.add_argument("--targets", default="0.9,0.95,0.99", help="recall@10 targets [0.9,0.95,0.99]")
             p.add_argument("--tune-queries", type=int, default=1000, help="database codes sampled to tune [1,000]")
+    p = sub.add_parser("scan", help="exact flat scan: Index.search (engine ghindex) vs IndexBinaryFlat (issue 17)")
+    p.add_argument("--quick", action="store_true", help="1M codes, 64 and 256 bits, k = 10 only (< 2 minutes)")
+    for name, default in SCAN_FULL.items():
+        p.add_argument(f"--{name}", default=None, help=f"comma-separated [{','.join(map(str, default))}]"
+                       if name != "repeats" else f"passes per contender [{default}]")
     parser.add_argument("--parts", default="flat,ivf,gpu")
     parser.add_argument("--n-flat", type=int, default=1_000_000)
     parser.add_argument("--n-ivf", type=int, default=10_000_000)
@@ -353,6 +472,21 @@ def main():
     parser.add_argument("--nprobes", default="1,2,4,8,16,32,64,128,256")
     parser.add_argument("--workdir", default=None, help="Where the store and indexes go [a temp dir]")
     args = parser.parse_args()
+    if args.command == "scan":
+        cfg = dict(SCAN_QUICK if args.quick else SCAN_FULL)
+        for name in SCAN_FULL:
+            if getattr(args, name) is not None:
+                value = [int(float(v)) for v in getattr(args, name).split(",")]
+                cfg[name] = value[0] if name == "repeats" else tuple(value)
+        lines = [f"## Exact scan (benchmarks/bench_index.py scan{' --quick' if args.quick else ''})", "",
+                 f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; FAISS "
+                 f"{faiss.__version__}; date: {time.strftime('%Y-%m-%d %H:%M')}; load average "
+                 f"{os.getloadavg()[0]:.1f} at the start."]
+        start = time.perf_counter()
+        part_scan(cfg, lines)
+        lines.append(f"\nTook {time.perf_counter() - start:.0f} s; load average {os.getloadavg()[0]:.1f} at the end.")
+        print("\n".join(lines))
+        return
     if args.command in ("lifecycle", "tune"):
         import logging
 

@@ -41,9 +41,12 @@ class TopK(click.ParamType):
               help="Also the index's tie-aware recall@K (default K 10) against exact search, and its "
                    "queries/s. Alone when the stores have no labels or the index is approximate and "
                    "--topk is all.")
+@click.option("--engine", type=click.Choice(["ghindex", "faiss"]), default="ghindex", show_default=True,
+              help="Who scans a flat index on the CPU when the index is searched (--recall): ghindex "
+                   "(faster) or FAISS's own scan. Exact metrics never search the index.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="Output on stdout: a table for people or the result as JSON.")
-def eval_(queries, index, database, topk, radius, report, plot, recall, fmt):
+def eval_(queries, index, database, topk, radius, report, plot, recall, engine, fmt):
     """Retrieval metrics of query codes against database codes, directly or through an index.
 
     mAP@K (ties by database position, and tie-averaged), precision/recall@1,10,100,1000,
@@ -54,7 +57,7 @@ def eval_(queries, index, database, topk, radius, report, plot, recall, fmt):
     from ghindex.evaluate import evaluate, format_table
 
     result = evaluate(queries, database=database, index=index, topk=topk, radius=radius, report=report, plot=plot,
-                      recall=recall)
+                      recall=recall, engine=engine)
     if fmt == "json":
         click.echo(json.dumps(result))
     else:

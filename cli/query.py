@@ -34,10 +34,13 @@ import click
               help="Search a flat index on all GPUs FAISS sees (auto: when there are any; on: fail without).")
 @click.option("--gpu-shard", is_flag=True,
               help="Split a flat index over the GPUs (each holds N/G codes) instead of a full replica on each.")
+@click.option("--engine", type=click.Choice(["ghindex", "faiss"]), default="ghindex", show_default=True,
+              help="Who scans a flat index on the CPU: ghindex (faster; ties at the k-th distance cut by "
+                   "database position) or FAISS's own scan. Other indexes and GPUs always use FAISS.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True, help="table for people; json = one JSON object per query per line; "
                                       "csv = one row per neighbour.")
-def query(index, model, images, codes, ids, k, radius, force, grid, root, batch_size, gpu, gpu_shard, fmt):
+def query(index, model, images, codes, ids, k, radius, force, grid, root, batch_size, gpu, gpu_shard, engine, fmt):
     """Find the nearest codes in INDEX for query IMAGES (with --model), --codes or --ids.
 
     Neighbours are ranked by Hamming distance, ties by database position, with their id, distance,
@@ -47,7 +50,8 @@ def query(index, model, images, codes, ids, k, radius, force, grid, root, batch_
     from ghindex.query import query as query_fn
 
     results = query_fn(index, model=model, images=images, codes=codes, ids=ids or (), k=k, radius=radius,
-                       force=force, grid=grid, batch_size=batch_size, gpu=gpu, gpu_shard=gpu_shard, root=root)
+                       force=force, grid=grid, batch_size=batch_size, gpu=gpu, gpu_shard=gpu_shard, root=root,
+                       engine=engine)
     if fmt == "json":
         if results:
             click.echo(json_lines(results))

@@ -92,7 +92,7 @@ def _check_labels(store, what: str) -> np.ndarray:
 
 
 def evaluate(queries, database=None, index=None, topk="all", radius: int = 2, report=None, plot=None,
-             progress: bool | None = None, recall: int | None = None) -> dict:
+             progress: bool | None = None, recall: int | None = None, engine: str = "ghindex") -> dict:
     """Retrieval metrics of the query store against the database store (see the module docstring).
 
     queries, database: code store paths (both with labels). index: an index directory (or a loaded
@@ -104,6 +104,9 @@ def evaluate(queries, database=None, index=None, topk="all", radius: int = 2, re
     recall=K (with an index): also the index's tie-aware recall@K against exact search and its
     queries/s (result["recall"]); stores without labels then give that alone (metrics None), as does
     an approximate index with topk="all".
+
+    engine: who scans a flat index on the CPU when the index is searched ('ghindex' or 'faiss', as
+    `Index.load`): for recall=K. Exact metrics never search the index.
     """
     from . import __version__
 
@@ -117,8 +120,10 @@ def evaluate(queries, database=None, index=None, topk="all", radius: int = 2, re
             topk = int(topk)
         if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk <= 0:
             raise ConfigError(f"topk must be 'all' or a positive integer, got {topk!r}")
-    warnings: list[str] = []
+    from .index.core import check_engine
 
+    check_engine(engine)
+    warnings: list[str] = []
     index_obj, meta, index_path = None, None, None
     if index is not None:
         from .index import Index, read_meta
@@ -194,12 +199,13 @@ def evaluate(queries, database=None, index=None, topk="all", radius: int = 2, re
             if index_obj is None:
                 from .index import Index
 
-                index_obj = Index.load(index, gpu="off")
+                index_obj = Index.load(index, gpu="off", engine=engine)
             summary = _evaluate_with_index(index_obj, q_codes, q_labels, db_store, db_labels, int(topk),
                                            radius, progress, live)
         recall_result = None
         if recall is not None:
-            recall_result = _recall_of_index(index_obj if index_obj is not None else index, q_codes, db_codes, recall)
+            recall_result = _recall_of_index(index_obj if index_obj is not None else index, q_codes, db_codes, recall,
+                                             engine)
         del db_codes
 
     result = {
@@ -302,13 +308,13 @@ def _recall_only(recall, index, q_store, db_store, exhaustive, topk) -> bool:
     return not (q_store.has_labels and db_store.has_labels) or (not exhaustive and topk == "all")
 
 
-def _recall_of_index(index, q_codes, db_codes, k) -> dict:
+def _recall_of_index(index, q_codes, db_codes, k, engine: str = "ghindex") -> dict:
     """Tie-aware recall@k of the index against exact search over the (live) database codes, and q/s."""
     from .index import Index
     from .index.tuning import measure_recall
 
     if not isinstance(index, Index):
-        index = Index.load(index, gpu="off")
+        index = Index.load(index, gpu="off", engine=engine)
     chunk = 1 << 20
     return measure_recall(index, q_codes, lambda: (db_codes[s:s + chunk] for s in range(0, len(db_codes), chunk)),
                           int(k))

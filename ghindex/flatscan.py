@@ -198,7 +198,8 @@ def _rescan(db, qw, width, b0, b1, heap, k, buf):
 
 @numba.njit(inline="always")
 def _dist4(db, base, width, q0, q1, q2, q3):
-    return _dist(db, base, q0, width), _dist(db, base, q1, width), _dist(db, base, q2, width), _dist(db, base, q3, width)
+    return (_dist(db, base, q0, width), _dist(db, base, q1, width),
+            _dist(db, base, q2, width), _dist(db, base, q3, width))
 
 
 @numba.njit(inline="always")
@@ -235,6 +236,20 @@ def _words_dist4(words, j0, j1, q0, q1, q2, q3, dist):
             dist[1, j] += np.int64(_popcount(x ^ a1))
             dist[2, j] += np.int64(_popcount(x ^ a2))
             dist[3, j] += np.int64(_popcount(x ^ a3))
+
+
+@numba.njit(inline="always")
+def _block_min1(db, width, qw, b0, b1):
+    """One query's smallest distance over codes [b0, b1) (for queries left over from tiles of four)."""
+    if width == 4:
+        n0 = np.int32(1 << 30)
+        for j in range(b0, b1):
+            n0 = min(n0, np.int32(_dist(db, j * width, qw, width)))
+        return np.int64(n0)
+    m0 = np.int64(1 << 30)
+    for j in range(b0, b1):
+        m0 = min(m0, _dist(db, j * width, qw, width))
+    return m0
 
 
 @numba.njit(inline="always")
@@ -281,6 +296,13 @@ def _knn_heap_kernel(db, qwords, k, fast_width, width, lo, hi, heaps):
             t2 = t0 + 2 if t0 + 2 < nq else t0
             t3 = t0 + 3 if t0 + 3 < nq else t0
             q0, q1, q2, q3 = qwords[t0], qwords[t1], qwords[t2], qwords[t3]
+            if t0 + TILE > nq and not generic:  # fewer than four left: one query at a time
+                for t in range(t0, nq):
+                    for b0 in range(c0, c1, BLOCK):
+                        b1 = min(c1, b0 + BLOCK)
+                        if _block_min1(db, width, qwords[t], b0, b1) < heaps[t, 0] >> _POS_BITS:
+                            _rescan(db, qwords[t], width, b0, b1, heaps[t], k, dist[0])
+                continue
             for b0 in range(c0, c1, BLOCK):
                 b1 = min(c1, b0 + BLOCK)
                 if generic:
@@ -292,11 +314,11 @@ def _knn_heap_kernel(db, qwords, k, fast_width, width, lo, hi, heaps):
                 m0, m1, m2, m3 = _block_min4(db, width, q0, q1, q2, q3, b0, b1)
                 if m0 < heaps[t0, 0] >> _POS_BITS:
                     _rescan(db, q0, width, b0, b1, heaps[t0], k, dist[0])
-                if t1 != t0 and m1 < heaps[t1, 0] >> _POS_BITS:
+                if m1 < heaps[t1, 0] >> _POS_BITS:
                     _rescan(db, q1, width, b0, b1, heaps[t1], k, dist[1])
-                if t2 != t0 and m2 < heaps[t2, 0] >> _POS_BITS:
+                if m2 < heaps[t2, 0] >> _POS_BITS:
                     _rescan(db, q2, width, b0, b1, heaps[t2], k, dist[2])
-                if t3 != t0 and m3 < heaps[t3, 0] >> _POS_BITS:
+                if m3 < heaps[t3, 0] >> _POS_BITS:
                     _rescan(db, q3, width, b0, b1, heaps[t3], k, dist[3])
     for q in range(nq):
         heaps[q].sort()
@@ -338,6 +360,14 @@ def _knn_count_kernel(db, qwords, k, fast_width, width, n, max_dist, keys):
 
 # ------------------------------------------------------------------------------- range search
 @numba.njit(inline="always")
+def _count_below1(db, width, qw, b0, b1, radius):
+    c = np.int64(0)
+    for j in range(b0, b1):
+        c += _dist(db, j * width, qw, width) < radius
+    return c
+
+
+@numba.njit(inline="always")
 def _count_below4(db, width, q0, q1, q2, q3, b0, b1, radius):
     c0 = c1 = c2 = c3 = np.int64(0)
     for j in range(b0, b1):
@@ -372,6 +402,10 @@ def _range_count_kernel(db, qwords, radius, fast_width, width, n, s0, s1, counts
                 _words_dist4(words, 0, c1 - c0, q0, q1, q2, q3, dist)
                 for t, q in enumerate((t0, t1, t2, t3)):
                     counts[q, s] = np.sum(dist[t, :c1 - c0] < radius)
+                continue
+            if t0 + TILE > nq:  # fewer than four left: one query at a time
+                for t in range(t0, nq):
+                    counts[t, s] = _count_below1(db, width, qwords[t], c0, c1, radius)
                 continue
             a0, a1, a2, a3 = _count_below4(db, width, q0, q1, q2, q3, c0, c1, radius)
             counts[t0, s] = a0
@@ -524,7 +558,7 @@ def knn(codes: np.ndarray, queries: np.ndarray, k: int, *, threads: int | None =
                                  for a, b in groups], nthreads)
     else:
         parts = 1
-        if len(groups) < 2 * nthreads:  # few queries: split the database too, merge afterwards
+        if nthreads > 1 and len(groups) < 2 * nthreads:  # few queries: split the database, merge after
             parts = int(max(1, min(-(-2 * nthreads // len(groups)), n // MIN_PART)))
         keys = np.full((parts, nq, k), _EMPTY, np.int64)
         _run(_knn_heap_kernel, [(db, qwords[a:b], k, fast, width, lo, hi, keys[p, a:b])

@@ -113,12 +113,13 @@ class Searcher:
     """
 
     def __init__(self, index, model=None, *, force: bool = False, gpu: str = "auto", gpu_shard: bool = False,
-                 device=None, need_store: bool = False, root=None):
+                 device=None, need_store: bool = False, root=None, engine: str = "ghindex"):
         from .index import Index
         from .index.files import store_path_of
         from .store import CodeStore
 
-        self.index = index if isinstance(index, Index) else Index.load(index, gpu=gpu, gpu_shard=gpu_shard)
+        self.index = index if isinstance(index, Index) else Index.load(index, gpu=gpu, gpu_shard=gpu_shard,
+                                                                       engine=engine)
         self.name = str(self.index.path) if self.index.path is not None else "<in memory>"
         self.force = force
         self.store, self.db = None, None
@@ -257,7 +258,7 @@ def query_record(name: str, path: str | None = None) -> dict:
 
 def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius: int | None = None,
           force: bool = False, grid=None, batch_size: int = 64, device=None, gpu: str = "auto",
-          gpu_shard: bool = False, root=None) -> list[dict]:
+          gpu_shard: bool = False, root=None, engine: str = "ghindex") -> list[dict]:
     """Search `index` for each query and return one dict per query.
 
     Queries are exactly one of: `images` (paths, encoded with `model`), `codes` (a code store: all
@@ -268,7 +269,7 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
     its neighbours, framed green (relevant) / red (not) when labels are known. `gpu`, `gpu_shard`: as
     `Index.load` (a flat index goes on all GPUs FAISS sees: a replica on each, or shards). `root`: the
     folder the index's code store's image paths are relative to, instead of the one it records
-    (images moved on their own).
+    (images moved on their own). `engine`: who scans a flat index on the CPU, as `Index.load`.
 
     Each result: {"query", "query_id", "query_path", "query_label", "query_label_name",
     "neighbors": [{"rank", "id", "distance", "path", "label", "label_name", "relevant"}]}.
@@ -291,7 +292,7 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
         raise ConfigError("a model is only used to encode query images; give images too")
 
     with Searcher(index, model, force=force, gpu=gpu, gpu_shard=gpu_shard, device=device,
-                  need_store=bool(ids), root=root) as searcher:
+                  need_store=bool(ids), root=root, engine=engine) as searcher:
         idx = searcher.index
         if images:
             q_codes = searcher.encode([os.fspath(p) for p in images], batch_size=batch_size)

@@ -47,7 +47,7 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 from . import builder, codes, core, files, gpu, keys, memory, structures  # noqa: E402
 from .builder import ChunkSource, build, build_from_arrays  # noqa: E402
 from .codes import FAST_WIDTHS, pad_codes, padded_width  # noqa: E402
-from .core import QUERY_BATCH, Index  # noqa: E402
+from .core import ENGINES, QUERY_BATCH, Index  # noqa: E402
 from .files import FORMAT, FORMAT_VERSION, INDEX_FILE, META_FILE, describe_index, read_meta  # noqa: E402
 from .gpu import GPU_MAX_K, _gpu_clustering_index, _to_gpu, gpu_count  # noqa: E402
 from .lifecycle import add, remove  # noqa: E402
@@ -67,7 +67,7 @@ from .memory import CHUNK_ROWS, estimate_memory, format_size, parse_size  # noqa
 from .structures import FLAT_QUERY_BATCH  # noqa: E402
 
 __all__ = [
-    "AUTO_FLAT_MAX", "CHUNK_ROWS", "ChunkSource", "FAST_WIDTHS", "FLAT_QUERY_BATCH", "FORMAT",
+    "AUTO_FLAT_MAX", "CHUNK_ROWS", "ChunkSource", "ENGINES", "FAST_WIDTHS", "FLAT_QUERY_BATCH", "FORMAT",
     "FORMAT_VERSION", "GPU_MAX_K", "INDEX_FILE", "Index", "IndexSpec", "META_FILE", "MIN_POINTS_PER_LIST",
     "QUERY_BATCH", "TRAIN_POINTS_PER_LIST", "add", "auto_index_key", "auto_nlist", "build", "build_from_arrays",
     "default_nprobe", "describe_index", "estimate_memory", "format_size", "gpu_count", "pad_codes",

@@ -8,6 +8,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from .. import flatscan
 from ..errors import ConfigError, IndexFileError, SearchError
 from .codes import _check_codes, _check_ids, pad_codes
 from .files import INDEX_FILE, META_FILE, _atomic_dir, _faiss_reason, read_meta, write_meta
@@ -18,6 +19,17 @@ log = logging.getLogger(__name__)
 
 #: Queries per FAISS call: big enough for FAISS's per-query threads, small enough to bound memory.
 QUERY_BATCH = 65_536
+#: Who scans a flat index on the CPU: "ghindex" (`ghindex.flatscan`: faster, ties ranked by database
+#: position) or "faiss" (FAISS's own scan, ties in its heap's order). IVF, HNSW and hash indexes and
+#: GPUs always search with FAISS.
+ENGINES = ("ghindex", "faiss")
+DEFAULT_ENGINE = "ghindex"
+
+
+def check_engine(engine) -> str:
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    return engine
 
 
 class Index:
@@ -25,10 +37,12 @@ class Index:
 
     Load with `Index.load(path)`, build with `build(...)` (on disk) or `build_from_arrays(...)`.
     Codes passed in are at their true width (`code_bytes`); padding to fast widths is internal.
+    `engine` (settable): who scans a flat index on the CPU, see ENGINES.
     """
 
     def __init__(self, faiss_index: faiss.IndexBinary, meta: dict, *, path: str | os.PathLike | None = None,
-                 mmap: bool = False):
+                 mmap: bool = False, engine: str = DEFAULT_ENGINE):
+        self.engine = engine
         self._cpu = faiss_index
         self.meta = meta
         self.path = Path(path) if path is not None else None
@@ -39,11 +53,13 @@ class Index:
     # ---- loading and saving
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = False, gpu: str = "auto",
-             gpu_shard: bool = False) -> "Index":
+             gpu_shard: bool = False, engine: str = DEFAULT_ENGINE) -> "Index":
         """Load an index directory. `mmap=True` maps flat codes (IO_FLAG_MMAP_IFC) or IVF lists
         (IO_FLAG_MMAP) from the file instead of reading them into RAM (the index is then read-only).
         `gpu='auto'` puts flat indexes on all GPUs when FAISS has any (replicas, or shards with
-        `gpu_shard=True`); 'on' requires it; 'off' stays on CPU."""
+        `gpu_shard=True`); 'on' requires it; 'off' stays on CPU. `engine`: who scans a flat index on
+        the CPU, 'ghindex' (default) or 'faiss' (see ENGINES)."""
+        check_engine(engine)
         path = Path(path)
         meta = read_meta(path)
         index_file = path / INDEX_FILE
@@ -66,7 +82,7 @@ class Index:
         if meta.get("index_kind", kind) != kind:
             raise IndexFileError(f"{index_file} holds a {kind} index but {META_FILE} says {meta['index_kind']}")
         _apply_params(faiss_index, kind, meta.get("params", {}))
-        index = cls(faiss_index, meta, path=path, mmap=mmap)
+        index = cls(faiss_index, meta, path=path, mmap=mmap, engine=engine)
         if gpu != "off" or gpu_shard:
             index.to_gpu(gpu, shard=gpu_shard)
         return index
@@ -110,6 +126,30 @@ class Index:
     @property
     def on_gpu(self) -> bool:
         return self._gpu is not None
+
+    # ---- engine
+    @property
+    def engine(self) -> str:
+        """Who scans a flat index on the CPU: 'ghindex' or 'faiss' (see ENGINES)."""
+        return self._engine
+
+    @engine.setter
+    def engine(self, value: str) -> None:
+        self._engine = check_engine(value)
+
+    def _flatscan(self):
+        """(codes, position -> id) when CPU searches go through ghindex.flatscan, else None. Both are
+        views of FAISS's own arrays (no copy); ids None when positions are the ids (no id map)."""
+        if self._engine != "ghindex":
+            return None
+        inner = _inner(self._cpu)
+        if not isinstance(inner, faiss.IndexBinaryFlat):
+            return None
+        ids = None
+        if isinstance(self._cpu, faiss.IndexBinaryIDMap):
+            id_map = self._cpu.id_map
+            ids = faiss.rev_swig_ptr(id_map.data(), id_map.size()) if id_map.size() else np.zeros(0, np.int64)
+        return flatscan.faiss_codes(inner), ids
 
     # ---- properties
     @property
@@ -172,8 +212,10 @@ class Index:
         """k nearest codes by Hamming distance: (distances int32 (Q, k'), ids int64 (Q, k')).
 
         k' = min(k, ntotal): asking for more neighbours than exist returns all of them. Rows are sorted
-        by distance; ties come in FAISS's order. Slots an approximate index could not fill have id -1
-        and distance -1.
+        by distance. A flat index on the CPU with engine 'ghindex' (the default) ranks ties by database
+        position (the order codes were added), the rule `ghindex eval` uses: a row is the first k' of a
+        stable sort of the exact distances. Otherwise ties come in FAISS's order. Slots an approximate
+        index could not fill have id -1 and distance -1.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise SearchError(f"k must be a positive integer, got {k!r}")
@@ -185,12 +227,16 @@ class Index:
         ids = np.empty((len(queries), k), dtype=np.int64)
         if k == 0:
             return distances, ids
+        scan = None if self.on_gpu else self._flatscan()
         for start in range(0, len(queries), QUERY_BATCH):
             batch = pad_codes(queries[start:start + QUERY_BATCH], self.padded_bytes)
             if self.on_gpu:
                 gpu_index, _resources, positions_to_ids = self._gpu
                 d, positions = gpu_index.search(batch, k)
                 i = np.where(positions >= 0, positions_to_ids[np.maximum(positions, 0)], -1)
+            elif scan is not None:
+                d, positions = flatscan.knn(scan[0], batch, k, threads=faiss.omp_get_max_threads())
+                i = positions if scan[1] is None else scan[1][positions]
             else:
                 d, i = self._cpu.search(batch, k)
             missing = i < 0
@@ -205,7 +251,8 @@ class Index:
 
         Returns (lims int64 (Q+1,), distances int32, ids int64): query q's results are
         ``ids[lims[q]:lims[q+1]]``, sorted by distance then id. IVF indexes only look in `nprobe`
-        lists; HNSW indexes have no range search. Runs on the CPU index even when on GPU.
+        lists; HNSW indexes have no range search. Runs on the CPU index even when on GPU (a flat one
+        with `ghindex.flatscan` unless engine is 'faiss'; the results are the same).
         """
         if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
             raise SearchError(f"radius must be a non-negative integer number of bits, got {radius!r}")
@@ -214,10 +261,16 @@ class Index:
         queries = _check_codes(codes, self.code_bytes, "query codes")
         parts_lims, parts_d, parts_i = [np.zeros(1, dtype=np.int64)], [], []
         offset = 0
+        scan = self._flatscan()
         for start in range(0, len(queries), QUERY_BATCH):
             batch = pad_codes(queries[start:start + QUERY_BATCH], self.padded_bytes)
             # distance <= radius  <=>  distance < radius + 1 (distances are integers)
-            lims, d, i = self._cpu.range_search(batch, int(min(radius, self.padded_bytes * 8)) + 1)
+            strict = int(min(radius, self.padded_bytes * 8)) + 1
+            if scan is not None:
+                lims, d, positions = flatscan.range_search(scan[0], batch, strict, threads=faiss.omp_get_max_threads())
+                i = positions if scan[1] is None else scan[1][positions]
+            else:
+                lims, d, i = self._cpu.range_search(batch, strict)
             lims = lims.astype(np.int64)
             d = d.astype(np.int32)
             query_of = np.repeat(np.arange(len(batch)), np.diff(lims))
