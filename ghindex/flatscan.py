@@ -47,6 +47,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import os
+import sys
 import threading
 
 import numba
@@ -76,6 +77,9 @@ RANGE_QUERIES = 1024
 #: Codes per superblock in range search (counts are kept per query and superblock).
 SUPERBLOCK = 4096
 
+#: The kernels load codes as native integers and compare them with little-endian query words.
+SUPPORTED = sys.byteorder == "little"
+
 _POS_BITS = 40
 _POS_MASK = (1 << _POS_BITS) - 1
 _EMPTY = np.iinfo(np.int64).max  # heap sentinel: compares above every real key
@@ -101,7 +105,7 @@ def _make_load(bits: int):
 
     @intrinsic
     def load(typingctx, arr, offset):
-        """Unaligned little-endian load of `bits` bits at byte `offset` of a 1-d uint8 array."""
+        """Unaligned load (native byte order) of `bits` bits at byte `offset` of a 1-d uint8 array."""
         if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and isinstance(offset, types.Integer)):
             return None
         sig = rtype(arr, offset)
@@ -457,6 +461,8 @@ def _range_fill_kernel(db, qwords, radius, fast_width, width, n, offsets, lims, 
 
 # ----------------------------------------------------------------------------------------- API
 def _check(codes, queries, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if not SUPPORTED:
+        raise SearchError("ghindex.flatscan needs a little-endian CPU")
     codes = np.asarray(codes)
     queries = np.asarray(queries)
     if codes.dtype != np.uint8 or codes.ndim != 2:

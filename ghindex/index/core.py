@@ -140,7 +140,7 @@ class Index:
     def _flatscan(self):
         """(codes, position -> id) when CPU searches go through ghindex.flatscan, else None. Both are
         views of FAISS's own arrays (no copy); ids None when positions are the ids (no id map)."""
-        if self._engine != "ghindex":
+        if self._engine != "ghindex" or not flatscan.SUPPORTED:
             return None
         inner = _inner(self._cpu)
         if not isinstance(inner, faiss.IndexBinaryFlat):
