@@ -68,8 +68,13 @@ BLOCK = 256
 CHUNK_BYTES = 128 * 1024
 #: Queries per work item (threads take items one at a time).
 GROUP = 64
-#: Codes per database part below which a search is not split further.
+#: Work items per thread wanted when there are few queries (the database is split to make them):
+#: small items keep a thread that the OS delays from holding up the end of a search.
+SPLIT = 4
+#: Codes per database part below which a search is not split further: MIN_PART, and PART_PER_K * k
+#: (each part fills its own heaps, and blocks are rescanned until they are full and tight).
 MIN_PART = 32 * 1024
+PART_PER_K = 1024
 #: Counting selection instead of heaps when k * LARGE_K_RATIO >= N.
 LARGE_K_RATIO = 8
 #: Queries per range-search kernel call (bounds its per-query, per-superblock counts).
@@ -564,8 +569,9 @@ def knn(codes: np.ndarray, queries: np.ndarray, k: int, *, threads: int | None =
                                  for a, b in groups], nthreads)
     else:
         parts = 1
-        if nthreads > 1 and len(groups) < 2 * nthreads:  # few queries: split the database, merge after
-            parts = int(max(1, min(-(-2 * nthreads // len(groups)), n // MIN_PART)))
+        if nthreads > 1 and len(groups) < SPLIT * nthreads:  # few queries: split the database, merge after
+            smallest = max(MIN_PART, PART_PER_K * k)
+            parts = int(max(1, min(-(-SPLIT * nthreads // len(groups)), n // smallest)))
         keys = np.full((parts, nq, k), _EMPTY, np.int64)
         _run(_knn_heap_kernel, [(db, qwords[a:b], k, fast, width, lo, hi, keys[p, a:b])
                                 for a, b in groups for p, (lo, hi) in enumerate(_spans(n, parts))], nthreads)

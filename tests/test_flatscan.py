@@ -133,6 +133,7 @@ def test_few_queries_split_the_database_and_merge(monkeypatch):
     db = tie_heavy(rng, 5000, 8, distinct=40)
     queries = rng.integers(0, 256, (3, 8), dtype=np.uint8)
     monkeypatch.setattr(flatscan, "MIN_PART", 64)  # parts of 64+ codes: many heaps per query, merged
+    monkeypatch.setattr(flatscan, "PART_PER_K", 1)
     for threads in (1, 2, 4):
         for k in (1, 10, 300):
             assert_knn(db, queries, k, threads=threads, method="heap")
