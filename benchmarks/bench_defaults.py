@@ -230,7 +230,8 @@ def explore(extractor, bits, specs, n_train=10_000):
 
 
 # -- supervised, frozen backbone: cifar10-I on cached features, mAP@all ------------------------------
-SUPERVISED_FROZEN = grid(lr=[1e-3, 1e-2], alpha=[0.1], batch_size=[32], epochs=[30])
+SUPERVISED_FROZEN = grid(lr=[3e-4, 1e-3, 3e-3, 1e-2], alpha=[0.1], batch_size=[32], epochs=[30]) + grid(
+    lr=[1e-3], alpha=[0.1], batch_size=[32], epochs=[50])
 
 
 def supervised_frozen(extractor, bits, out, candidates=None, seed=0):
@@ -246,9 +247,13 @@ def supervised_frozen(extractor, bits, out, candidates=None, seed=0):
     feats, labels, is_train = load(extractor)
     splits = protocol_splits(labels, int(is_train.sum()), "cifar10-I", seed)
     train = splits["train"]
+    # cifar10-I's database is 91% images the model never trained on, so the validation database must be
+    # unseen too (ranking held-out queries against the training items rewards memorising them: it chose
+    # lr 0.01, which lost 0.055 to lr 0.001 on the test protocol). 2,000 of the 5,000 training images are
+    # held out: 500 queries vs the other 1,500; the remaining 3,000 train.
     rng = np.random.default_rng(14)
-    val_q = np.sort(rng.choice(train, 500, replace=False))
-    val_db = np.setdiff1d(train, val_q)
+    held = rng.permutation(train)[:2000]
+    val_q, val_db, val_train = np.sort(held[:500]), np.sort(held[500:]), np.setdiff1d(train, held)
     done = done_keys(out)
 
     def run(settings, tr, q, db, split):
@@ -269,8 +274,8 @@ def supervised_frozen(extractor, bits, out, candidates=None, seed=0):
                         "map_all": float(m), "seconds": round(sec, 1)})
 
     for settings in candidates or SUPERVISED_FROZEN:
-        run(settings, val_db, val_q, val_db, "val")
-    for settings in (dict(name="ghindex default"),):
+        run(settings, val_train, val_q, val_db, "val-unseen")
+    for settings in (dict(name="ghindex default"), dict(name="lr=0.01, otherwise default", lr=1e-2)):
         run(settings, train, splits["query"], splits["database"], "test")
 
 

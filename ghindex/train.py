@@ -79,7 +79,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
         "unsupervised": dict(lr=1e-2, alpha=1.0, center=True, init="pca", epochs=20, batch_size=256,
                              backbone_lr_scale=1.0),
-        "frozen": dict(lr=1e-2, alpha=0.1, center=True, init="random", epochs=30, batch_size=32,
+        "frozen": dict(lr=1e-3, alpha=0.1, center=True, init="random", epochs=30, batch_size=32,
                        backbone_lr_scale=1.0),
         "finetune": dict(lr=1e-3, alpha=0.1, center=True, init="random", epochs=50, batch_size=32,
                          backbone_lr_scale=0.1),
