@@ -62,7 +62,7 @@ from .errors import SearchError
 FAST_WIDTHS = (4, 8, 16, 20, 32, 64)
 #: Queries compared with each loaded code.
 TILE = 4
-#: Codes per pruning block (the unit that is skipped or rescanned).
+#: Codes per pruning block (the unit that is skipped or offered to a heap).
 BLOCK = 256
 #: Bytes of database scanned by a group of queries before moving on (stays in L2).
 CHUNK_BYTES = 128 * 1024
@@ -72,11 +72,11 @@ GROUP = 64
 #: small items keep a thread that the OS delays from holding up the end of a search.
 SPLIT = 4
 #: Codes per database part below which a search is not split further: MIN_PART, and PART_PER_K * k
-#: (each part fills its own heaps, and blocks are rescanned until they are full and tight).
+#: (each part fills its own heaps, and most blocks are offered to them until they are full and tight).
 MIN_PART = 32 * 1024
 PART_PER_K = 1024
 #: Counting selection instead of heaps when k * LARGE_K_RATIO >= N.
-LARGE_K_RATIO = 8
+LARGE_K_RATIO = 512
 #: Queries per range-search kernel call (bounds its per-query, per-superblock counts).
 RANGE_QUERIES = 1024
 #: Codes per superblock in range search (counts are kept per query and superblock).
@@ -191,18 +191,19 @@ def _offer(dist, b0, b1, heap, k):
     from call to call, so a code tied with the heap's largest key comes later and never enters."""
     limit = heap[0] >> _POS_BITS
     for j in range(b0, b1):
-        d = dist[j - b0]
+        d = np.int64(dist[j - b0])
         if d < limit:
             _replace_top(heap, k, (d << _POS_BITS) | j)
             limit = heap[0] >> _POS_BITS
 
 
 @numba.njit(inline="always")
-def _rescan(db, qw, width, b0, b1, heap, k, buf):
-    """Offer codes [b0, b1) to one query's heap, distances first (a vectorised loop)."""
-    for j in range(b0, b1):
-        buf[j - b0] = _dist(db, j * width, qw, width)
-    _offer(buf, b0, b1, heap, k)
+def _offer_block(db, width, qw, b0, b1, dist, heap, k):
+    """`_offer` the distances `_block_min1/4` left in dist (4-byte codes: computed here, for this query)."""
+    if width == 4:
+        for j in range(b0, b1):
+            dist[j - b0] = _dist(db, j * width, qw, width)
+    _offer(dist, b0, b1, heap, k)
 
 
 @numba.njit(inline="always")
@@ -248,8 +249,8 @@ def _words_dist4(words, j0, j1, q0, q1, q2, q3, dist):
 
 
 @numba.njit(inline="always")
-def _block_min1(db, width, qw, b0, b1):
-    """One query's smallest distance over codes [b0, b1) (for queries left over from tiles of four)."""
+def _block_min1(db, width, qw, b0, b1, dist):
+    """`_block_min4` for one query (those left over from tiles of four)."""
     if width == 4:
         n0 = np.int32(1 << 30)
         for j in range(b0, b1):
@@ -257,14 +258,17 @@ def _block_min1(db, width, qw, b0, b1):
         return np.int64(n0)
     m0 = np.int64(1 << 30)
     for j in range(b0, b1):
-        m0 = min(m0, _dist(db, j * width, qw, width))
+        d0 = _dist(db, j * width, qw, width)
+        dist[j - b0] = d0
+        m0 = min(m0, d0)
     return m0
 
 
 @numba.njit(inline="always")
-def _block_min4(db, width, q0, q1, q2, q3, b0, b1):
-    """Each query's smallest distance over codes [b0, b1) (the loop LLVM vectorises)."""
-    if width == 4:  # in 32-bit lanes: twice the codes per vector register
+def _block_min4(db, width, q0, q1, q2, q3, b0, b1, dist):
+    """Each query's smallest distance over codes [b0, b1), and (width != 4) all the distances in
+    dist[t, :b1 - b0] (the loop LLVM vectorises; the distances serve the blocks offered to a heap)."""
+    if width == 4:  # in 32-bit lanes, twice the codes per vector register; storing them costs 2x here
         n0 = n1 = n2 = n3 = np.int32(1 << 30)
         for j in range(b0, b1):
             base = j * width
@@ -276,6 +280,10 @@ def _block_min4(db, width, q0, q1, q2, q3, b0, b1):
     m0 = m1 = m2 = m3 = np.int64(1 << 30)
     for j in range(b0, b1):
         d0, d1, d2, d3 = _dist4(db, j * width, width, q0, q1, q2, q3)
+        dist[0, j - b0] = d0
+        dist[1, j - b0] = d1
+        dist[2, j - b0] = d2
+        dist[3, j - b0] = d3
         m0 = min(m0, d0)
         m1 = min(m1, d1)
         m2 = min(m2, d2)
@@ -309,8 +317,8 @@ def _knn_heap_kernel(db, qwords, k, fast_width, width, lo, hi, heaps):
                 for t in range(t0, nq):
                     for b0 in range(c0, c1, BLOCK):
                         b1 = min(c1, b0 + BLOCK)
-                        if _block_min1(db, width, qwords[t], b0, b1) < heaps[t, 0] >> _POS_BITS:
-                            _rescan(db, qwords[t], width, b0, b1, heaps[t], k, dist[0])
+                        if _block_min1(db, width, qwords[t], b0, b1, dist[0]) < heaps[t, 0] >> _POS_BITS:
+                            _offer_block(db, width, qwords[t], b0, b1, dist[0], heaps[t], k)
                 continue
             for b0 in range(c0, c1, BLOCK):
                 b1 = min(c1, b0 + BLOCK)
@@ -320,15 +328,15 @@ def _knn_heap_kernel(db, qwords, k, fast_width, width, lo, hi, heaps):
                         if (t == 0 or q != t0) and dist[t, :b1 - b0].min() < heaps[q, 0] >> _POS_BITS:
                             _offer(dist[t], b0, b1, heaps[q], k)
                     continue
-                m0, m1, m2, m3 = _block_min4(db, width, q0, q1, q2, q3, b0, b1)
+                m0, m1, m2, m3 = _block_min4(db, width, q0, q1, q2, q3, b0, b1, dist)
                 if m0 < heaps[t0, 0] >> _POS_BITS:
-                    _rescan(db, q0, width, b0, b1, heaps[t0], k, dist[0])
+                    _offer_block(db, width, q0, b0, b1, dist[0], heaps[t0], k)
                 if m1 < heaps[t1, 0] >> _POS_BITS:
-                    _rescan(db, q1, width, b0, b1, heaps[t1], k, dist[1])
+                    _offer_block(db, width, q1, b0, b1, dist[1], heaps[t1], k)
                 if m2 < heaps[t2, 0] >> _POS_BITS:
-                    _rescan(db, q2, width, b0, b1, heaps[t2], k, dist[2])
+                    _offer_block(db, width, q2, b0, b1, dist[2], heaps[t2], k)
                 if m3 < heaps[t3, 0] >> _POS_BITS:
-                    _rescan(db, q3, width, b0, b1, heaps[t3], k, dist[3])
+                    _offer_block(db, width, q3, b0, b1, dist[3], heaps[t3], k)
     for q in range(nq):
         heaps[q].sort()
 
