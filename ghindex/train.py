@@ -75,22 +75,17 @@ MAX_VAL_DATABASE = 10_000  # the held-out queries are ranked against at most thi
 # "frozen": supervised on a frozen backbone, "finetune": supervised through the whole network).
 # "default": chosen on a validation split of CIFAR-10's training set (benchmarks/bench_defaults.py,
 # RESULTS.md "Training defaults"); "paper": GreedyHash's published CIFAR settings (Su et al. 2018).
+_SGD = dict(alpha=0.1, center=True, init="random", batch_size=32, backbone_lr_scale=1.0)  # the paper's base
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
-        "unsupervised": dict(lr=1e-2, alpha=1.0, center=True, init="pca", epochs=20, batch_size=256,
-                             backbone_lr_scale=1.0),
-        "frozen": dict(lr=1e-3, alpha=0.1, center=True, init="random", epochs=30, batch_size=32,
-                       backbone_lr_scale=1.0),
-        "finetune": dict(lr=1e-3, alpha=0.1, center=True, init="random", epochs=50, batch_size=32,
-                         backbone_lr_scale=0.1),
+        "unsupervised": {**_SGD, "lr": 1e-2, "alpha": 1.0, "init": "pca", "epochs": 20, "batch_size": 256},
+        "frozen": {**_SGD, "lr": 1e-3, "epochs": 30},
+        "finetune": {**_SGD, "lr": 1e-3, "epochs": 50, "backbone_lr_scale": 0.1},
     },
     "paper": {
-        "unsupervised": dict(lr=1e-4, alpha=0.1, center=False, init="random", epochs=50, batch_size=32,
-                             backbone_lr_scale=1.0),
-        "frozen": dict(lr=1e-3, alpha=0.1, center=True, init="random", epochs=100, batch_size=32,
-                       backbone_lr_scale=1.0),
-        "finetune": dict(lr=1e-3, alpha=0.1, center=True, init="random", epochs=100, batch_size=32,
-                         backbone_lr_scale=1.0),
+        "unsupervised": {**_SGD, "lr": 1e-4, "center": False, "epochs": 50},
+        "frozen": {**_SGD, "lr": 1e-3, "epochs": 100},
+        "finetune": {**_SGD, "lr": 1e-3, "epochs": 100},
     },
 }
 
