@@ -262,6 +262,8 @@ class Index:
         parts_lims, parts_d, parts_i = [np.zeros(1, dtype=np.int64)], [], []
         offset = 0
         scan = self._flatscan()
+        # flatscan sorts by (distance, position): that is (distance, id) when ids grow with position
+        presorted = scan is not None and (scan[1] is None or bool(np.all(scan[1][1:] > scan[1][:-1])))
         for start in range(0, len(queries), QUERY_BATCH):
             batch = pad_codes(queries[start:start + QUERY_BATCH], self.padded_bytes)
             # distance <= radius  <=>  distance < radius + 1 (distances are integers)
@@ -273,11 +275,13 @@ class Index:
                 lims, d, i = self._cpu.range_search(batch, strict)
             lims = lims.astype(np.int64)
             d = d.astype(np.int32)
-            query_of = np.repeat(np.arange(len(batch)), np.diff(lims))
-            order = np.lexsort((i, d, query_of))
+            if not presorted:
+                query_of = np.repeat(np.arange(len(batch)), np.diff(lims))
+                order = np.lexsort((i, d, query_of))
+                d, i = d[order], i[order]
             parts_lims.append(lims[1:] + offset)
-            parts_d.append(d[order])
-            parts_i.append(i[order].astype(np.int64))
+            parts_d.append(d)
+            parts_i.append(i.astype(np.int64))
             offset += int(lims[-1])
         return (
             np.concatenate(parts_lims),
