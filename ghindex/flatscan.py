@@ -35,7 +35,7 @@ benchmarks/bench_index.py scan):
   GIL) take (query group, database part) items one at a time; few queries are split over database
   parts and merged, so one query still uses every thread.
 - For large k (k * LARGE_K_RATIO >= N) a per-query counting selection replaces the heaps: all
-  distances, their histogram, then one ordered pass.
+  distances (N int32 of scratch per thread), their histogram, then one ordered pass.
 - Range search counts the hits of each query per superblock of codes (same tiles), then a second
   pass writes them at known offsets, visiting only the superblocks that have any.
 
