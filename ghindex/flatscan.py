@@ -249,6 +249,16 @@ def _words_dist4(words, j0, j1, q0, q1, q2, q3, dist):
 
 
 @numba.njit(inline="always")
+def _tile(qwords, t0):
+    """The three queries after t0 (t0 again past the last query) and the words of all four."""
+    nq = qwords.shape[0]
+    t1 = t0 + 1 if t0 + 1 < nq else t0
+    t2 = t0 + 2 if t0 + 2 < nq else t0
+    t3 = t0 + 3 if t0 + 3 < nq else t0
+    return t1, t2, t3, qwords[t0], qwords[t1], qwords[t2], qwords[t3]
+
+
+@numba.njit(inline="always")
 def _block_min1(db, width, qw, b0, b1, dist):
     """`_block_min4` for one query (those left over from tiles of four)."""
     if width == 4:
@@ -309,10 +319,7 @@ def _knn_heap_kernel(db, qwords, k, fast_width, width, lo, hi, heaps):
         if generic:
             _transpose(db, width, c0, c1, words)
         for t0 in range(0, nq, TILE):
-            t1 = t0 + 1 if t0 + 1 < nq else t0
-            t2 = t0 + 2 if t0 + 2 < nq else t0
-            t3 = t0 + 3 if t0 + 3 < nq else t0
-            q0, q1, q2, q3 = qwords[t0], qwords[t1], qwords[t2], qwords[t3]
+            t1, t2, t3, q0, q1, q2, q3 = _tile(qwords, t0)
             if t0 + TILE > nq and not generic:  # fewer than four left: one query at a time
                 for t in range(t0, nq):
                     for b0 in range(c0, c1, BLOCK):
@@ -411,10 +418,7 @@ def _range_count_kernel(db, qwords, radius, fast_width, width, n, s0, s1, counts
         if generic:
             _transpose(db, width, c0, c1, words)
         for t0 in range(0, nq, TILE):
-            t1 = t0 + 1 if t0 + 1 < nq else t0
-            t2 = t0 + 2 if t0 + 2 < nq else t0
-            t3 = t0 + 3 if t0 + 3 < nq else t0
-            q0, q1, q2, q3 = qwords[t0], qwords[t1], qwords[t2], qwords[t3]
+            t1, t2, t3, q0, q1, q2, q3 = _tile(qwords, t0)
             if generic:
                 _words_dist4(words, 0, c1 - c0, q0, q1, q2, q3, dist)
                 for t, q in enumerate((t0, t1, t2, t3)):
