@@ -57,6 +57,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from .errors import SearchError
+from .popcount import popcount
 
 #: Code widths (bytes) with a kernel of their own; other widths share a generic kernel.
 FAST_WIDTHS = (4, 8, 16, 20, 32, 64)
@@ -91,19 +92,6 @@ _EMPTY = np.iinfo(np.int64).max  # heap sentinel: compares above every real key
 
 
 # ----------------------------------------------------------------------------------- intrinsics
-@intrinsic
-def _popcount(typingctx, x):
-    """LLVM ctpop (POPCNT, or a vector popcount once the loop is vectorised)."""
-    if not isinstance(x, types.Integer):
-        return None
-    sig = x(x)
-
-    def codegen(context, builder, signature, args):
-        return builder.ctpop(args[0])
-
-    return sig, codegen
-
-
 def _make_load(bits: int):
     itype = ir.IntType(bits)
     rtype = getattr(types, f"uint{bits}")
@@ -135,19 +123,19 @@ _load32 = _make_load(32)
 def _dist(db, base, qw, width):
     """Hamming distance between the code at byte `base` of `db` and query words `qw` (see _query_words)."""
     if width == 4:
-        return np.int64(_popcount(np.uint32(_load32(db, base) ^ np.uint32(qw[0]))))  # numba widens ^
+        return np.int64(popcount(np.uint32(_load32(db, base) ^ np.uint32(qw[0]))))  # numba widens ^
     if width < 8:
         word = np.uint64(0)
         for b in range(width):
             word |= np.uint64(db[base + b]) << np.uint64(8 * b)
-        return np.int64(_popcount(word ^ qw[0]))
+        return np.int64(popcount(word ^ qw[0]))
     d = np.int64(0)
     full = width // 8
     for i in range(full):
-        d += np.int64(_popcount(_load64(db, base + 8 * i) ^ qw[i]))
+        d += np.int64(popcount(_load64(db, base + 8 * i) ^ qw[i]))
     tail = width % 8
     if tail:  # the code's last 8 bytes, shifted past the bytes the full words already counted
-        d += np.int64(_popcount((_load64(db, base + width - 8) >> np.uint64(64 - 8 * tail)) ^ qw[full]))
+        d += np.int64(popcount((_load64(db, base + width - 8) >> np.uint64(64 - 8 * tail)) ^ qw[full]))
     return d
 
 
@@ -242,10 +230,10 @@ def _words_dist4(words, j0, j1, q0, q1, q2, q3, dist):
         a0, a1, a2, a3 = q0[i], q1[i], q2[i], q3[i]
         for j in range(n):
             x = row[j0 + j]
-            dist[0, j] += np.int64(_popcount(x ^ a0))
-            dist[1, j] += np.int64(_popcount(x ^ a1))
-            dist[2, j] += np.int64(_popcount(x ^ a2))
-            dist[3, j] += np.int64(_popcount(x ^ a3))
+            dist[0, j] += np.int64(popcount(x ^ a0))
+            dist[1, j] += np.int64(popcount(x ^ a1))
+            dist[2, j] += np.int64(popcount(x ^ a2))
+            dist[3, j] += np.int64(popcount(x ^ a3))
 
 
 @numba.njit(inline="always")

@@ -8,19 +8,8 @@ import math
 
 import numba
 import numpy as np
-from numba import types
-from numba.extending import intrinsic
 
-
-@intrinsic
-def _popcount64(typingctx, x):
-    """LLVM ctpop: one POPCNT instruction on x86-64 (numba has no popcount of its own)."""
-    sig = types.uint64(types.uint64)
-
-    def codegen(context, builder, signature, args):
-        return builder.ctpop(args[0])
-
-    return sig, codegen
+from .popcount import popcount
 
 
 @numba.njit(cache=True, nogil=True)
@@ -133,7 +122,7 @@ def _query_stats_kernel(q_words, db_words, multi, q_int, db_int, q_mask, db_mask
                 label = q_int[q]
                 for j in range(n_db):
                     rel = np.int64(label == db_int[j])
-                    c = (_popcount64(code ^ db_words[j, 0]) << 1) | rel
+                    c = (popcount(code ^ db_words[j, 0]) << 1) | rel
                     before = hist[c]
                     hist[c] = before + 1
                     rec_dist[n_rec] = c >> 1
@@ -144,7 +133,7 @@ def _query_stats_kernel(q_words, db_words, multi, q_int, db_int, q_mask, db_mask
                 for j in range(n_db):
                     dist = 0
                     for w in range(n_words):
-                        dist += _popcount64(q_words[q, w] ^ db_words[j, w])
+                        dist += popcount(q_words[q, w] ^ db_words[j, w])
                     rel = 0
                     if multi:
                         for w in range(n_mask):
