@@ -59,6 +59,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ghindex.index import Index, build, build_from_arrays, gpu_count  # noqa: E402
+from ghindex.index.tuning import TUNE_QUERIES  # noqa: E402
 from ghindex.store import CodeStore  # noqa: E402
 
 K = 10
@@ -315,7 +316,7 @@ def part_tune(n, n_queries, workdir, key, targets, tune_queries, lines):
             index.nprobe = tuning["value"]
             held = recall_of(index, held_out, kth)
             qps, _ = timed_qps(lambda q: index.search(q, K), held_out, 3)
-            verdict = "met" if abs(held - target) <= 0.01 or held >= target else "NOT met"
+            verdict = "met" if abs(held - target) <= 0.01 else "NOT met"
             lines.append(f"| {target} | {tuning['value']} | {tuning['recall']:.4f} | {held:.4f} | {held - target:+.4f} "
                          f"| {qps:,.0f} | {verdict} |")
             print(lines[-1], file=sys.stderr)
@@ -460,12 +461,15 @@ def main():
                            ("tune", "build --target-recall, then recall on held-out queries")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--n", type=int, default=10_000_000, help="database codes [10,000,000]")
-        p.add_argument("--queries", type=int, default=1000, help="fresh queries [1,000]")
+        # tune: 10,000 held-out queries, so that the check itself is precise (about +-0.002 on recall)
+        fresh = 10_000 if name == "tune" else 1000
+        p.add_argument("--queries", type=int, default=fresh, help=f"fresh queries [{fresh:,}]")
         p.add_argument("--index-key", default="BIVF", help="IVF key [BIVF: nlist from N]")
         p.add_argument("--workdir", default=None, help="Where stores and indexes go [a temp dir]")
         if name == "tune":
             p.add_argument("--targets", default="0.9,0.95,0.99", help="recall@10 targets [0.9,0.95,0.99]")
-            p.add_argument("--tune-queries", type=int, default=1000, help="database codes sampled to tune [1,000]")
+            p.add_argument("--tune-queries", type=int, default=TUNE_QUERIES,
+                           help=f"database codes sampled to tune [{TUNE_QUERIES:,}, build's default]")
     p = sub.add_parser("scan", help="exact flat scan: Index.search (engine ghindex) vs IndexBinaryFlat (issue 17)")
     p.add_argument("--quick", action="store_true", help="1M codes, 64 and 256 bits, k = 10 only (< 2 minutes)")
     for name, default in SCAN_FULL.items():

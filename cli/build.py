@@ -5,6 +5,8 @@ import json
 
 import click
 
+from ghindex.index.tuning import TUNE_QUERIES
+
 
 @click.command("build")
 @click.option("--codes", required=True, type=click.Path(dir_okay=False),
@@ -32,7 +34,7 @@ import click
                    "database codes sampled as queries against exact search, reaches R (e.g. 0.95).")
 @click.option("--target-k", type=click.IntRange(min=1), default=10, show_default=True,
               help="K of the recall target.")
-@click.option("--tune-queries", type=click.IntRange(min=1), default=1000, show_default=True,
+@click.option("--tune-queries", type=click.IntRange(min=1), default=TUNE_QUERIES, show_default=True,
               help="Database codes sampled (seeded by --seed) as queries for --target-recall.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="Output format of the summary on stdout.")
