@@ -32,7 +32,9 @@ contribute their training split).
 
 Layout: `train` checks its arguments, then runs the steps of a `_TrainingRun` in order (prepare_data,
 read_checkpoint, build_model, make_optimizer, resume, write_splits, prepare_inputs, run_epochs, save);
-one epoch's pass over the data is `ghindex.train_epoch.train_epoch`.
+one epoch's pass over the data is `ghindex.train_epoch.train_epoch`. What `train` makes of its arguments
+is `ghindex.train_settings`'s; the training items, held-out slice and cached features
+`ghindex.train_inputs`'s; the checkpoint, log and split files `ghindex.train_files`'s.
 """
 from __future__ import annotations
 
@@ -42,293 +44,57 @@ import logging
 import math
 import os
 import platform
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import distributed
 from .backbones import backbone_names, default_weights, probe_backbone
-from .data import ARRAY_EXTENSIONS, DataSource, ImageDataset, cifar_pool, collate, load_data, protocol_splits
-from .device import resolve_device
+from .data import DataSource, ImageDataset
 from .encoder import Encoder
-from .errors import ConfigError, DataError, ModelFileError
-from .hashing import check_bits, pack_signs
-from .images import image_to_tensor
-from .io import atomic_path, file_fingerprint
+from .errors import ConfigError, DataError
+from .hashing import pack_signs
+from .io import file_fingerprint
 from .losses import Objective
 from .metrics import mean_average_precision
-from .train_epoch import MAX_WARNED_IMAGES, DDPForward, epoch_line, train_epoch
+from .train_epoch import DDPForward, epoch_line, train_epoch
+
+# Steps of a run call these through this module's namespace (tests replace `_write_log` here), and
+# `output_paths`, `_Preprocess` and `PRESETS` are imported from here.
+from .train_files import (
+    CHECKPOINT_FORMAT,
+    _check_outputs,
+    _load_checkpoint,
+    _save_checkpoint,
+    _with_kept_checkpoint_hint,
+    _write_log,
+    _write_splits,
+    output_paths,
+)
+from .train_inputs import (  # noqa: F401 - MIN_VAL_ITEMS: with MAX_VAL_ITEMS, the held-out slice's bounds
+    MAX_VAL_ITEMS,
+    MIN_VAL_ITEMS,
+    _extract_features,
+    _extract_features_sharded,
+    _held_out_split,
+    _labels_tensor,
+    _load_source,
+    _Preprocess,
+)
+from .train_settings import (
+    PRESETS,
+    _check_args,
+    _objective_kind,
+    _run_group,
+    _setup_processes,
+)
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
 DEFAULT_IMAGE_BACKBONE = "efficientnet_b0"  # ImageNet acc@1 77.7% at 0.39 GFLOPS: see README, "Backbones"
-MAX_VAL_ITEMS = 1000  # held-out slice: val_fraction of the training items, at most this many
-MIN_VAL_ITEMS = 10  # a smaller slice says nothing: no held-out evaluation then
 MAX_VAL_DATABASE = 10_000  # the held-out queries are ranked against at most this many training items
-
-# What `train` fills in for settings left as None, per preset and kind of run ("unsupervised",
-# "frozen": supervised on a frozen backbone, "finetune": supervised through the whole network).
-# "default": chosen on a validation split of CIFAR-10's training set (benchmarks/bench_defaults.py,
-# RESULTS.md "Training defaults"); "paper": GreedyHash's published CIFAR settings (Su et al. 2018).
-_SGD = dict(alpha=0.1, center=True, init="random", batch_size=32, backbone_lr_scale=1.0)  # the paper's base
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "default": {
-        "unsupervised": {**_SGD, "lr": 1e-2, "alpha": 1.0, "init": "pca", "epochs": 20, "batch_size": 256},
-        "frozen": {**_SGD, "lr": 1e-3, "epochs": 30},
-        "finetune": {**_SGD, "lr": 1e-3, "epochs": 50, "backbone_lr_scale": 0.1},
-    },
-    "paper": {
-        "unsupervised": {**_SGD, "lr": 1e-4, "center": False, "epochs": 50},
-        "frozen": {**_SGD, "lr": 1e-3, "epochs": 100},
-        "finetune": {**_SGD, "lr": 1e-3, "epochs": 100},
-    },
-}
-
-
-def output_paths(out: str | os.PathLike) -> dict[str, str]:
-    """Files written for a model path: model, checkpoint, log and split indices."""
-    out = os.fspath(out)
-    return {"model": out, "checkpoint": out + ".ckpt", "log": out + ".log.jsonl", "splits": out + ".splits.npz"}
-
-
-class _Preprocess:
-    """Encode-time preprocessing (`Encoder.preprocess`): resize to image_size, normalise. Picklable for
-    DataLoader workers."""
-
-    def __init__(self, image_size: int, mean, std):
-        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
-
-    def __call__(self, img):
-        return image_to_tensor(img, self.image_size, self.mean, self.std)
-
-
-def _load_source(data, protocol: str | None, seed: int, root) -> tuple[DataSource, dict[str, np.ndarray] | None]:
-    if isinstance(data, DataSource):
-        if protocol is not None:
-            raise ConfigError("pass protocol only with a dataset folder, not with a ready DataSource")
-        return data, None
-    if protocol is None:
-        return load_data(data, root=root), None
-    pool, n_train = cifar_pool(data)
-    splits = protocol_splits(pool.labels, n_train, protocol, seed)
-    description = f"{pool.description} protocol={protocol} split=train seed={seed}"
-    return pool.subset(splits["train"], description=description), splits
-
-
-def _check_args(bits, epochs, lr, lr_step, momentum, weight_decay, batch_size, alpha, image_size, workers,
-                backbone_lr_scale=1.0, val_fraction=0.0, val_every=1, preset="default"):
-    check_bits(bits)
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    if backbone_lr_scale is not None and not (backbone_lr_scale >= 0 and math.isfinite(backbone_lr_scale)):
-        raise ConfigError(f"backbone_lr_scale must be >= 0, got {backbone_lr_scale!r}")
-    if not 0 <= val_fraction < 1:
-        raise ConfigError(f"val_fraction must be in [0, 1) (0: no held-out slice), got {val_fraction!r}")
-    if isinstance(val_every, bool) or not isinstance(val_every, (int, np.integer)) or val_every < 1:
-        raise ConfigError(f"val_every must be a positive integer, got {val_every!r}")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("image_size", image_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if lr is not None and not (lr > 0 and math.isfinite(lr)):
-        raise ConfigError(f"lr must be a positive number, got {lr!r}")
-    if lr_step is not None and (not isinstance(lr_step, (int, np.integer)) or lr_step < 0):
-        raise ConfigError(f"lr_step must be an integer >= 0 (0: never decay), got {lr_step!r}")
-    if not 0 <= momentum < 1:
-        raise ConfigError(f"momentum must be in [0, 1), got {momentum!r}")
-    if not weight_decay >= 0:
-        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    if not (alpha >= 0 and math.isfinite(alpha)):
-        raise ConfigError(f"alpha must be >= 0, got {alpha!r}")
-    if workers is not None and workers < 0:
-        raise ConfigError(f"workers must be >= 0, got {workers!r}")
-
-
-def _labels_tensor(source: DataSource, kind: str) -> torch.Tensor | None:
-    if kind == "unsupervised":
-        return None
-    if source.labels is None:
-        raise DataError(f"{source.description} has no labels: supervised training needs them (or use unsupervised)")
-    if kind == "multi-label":
-        labels = source.labels
-        if labels.ndim == 1:  # single-label data trained with the multi-label objective: one-hot
-            labels = np.eye(source.num_classes, dtype=np.float32)[labels]
-        return torch.from_numpy(np.asarray(labels, dtype=np.float32))
-    if source.labels.ndim == 2:
-        raise ConfigError(f"{source.description} has multi-hot labels: train with multi_label (--multi-label)")
-    return torch.from_numpy(source.labels.astype(np.int64))
-
-
-def _write_splits(path: str, splits: dict[str, np.ndarray], protocol: str, seed: int, description: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, protocol=np.array(protocol), seed=np.array(seed, dtype=np.int64),
-                 data=np.array(description), **{k: np.asarray(v, dtype=np.int64) for k, v in splits.items()})
-
-
-def _write_log(path: str, history: list[dict]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in history:
-                f.write(json.dumps(row, sort_keys=True) + "\n")
-
-
-def _save_checkpoint(path: str, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)  # through a Python file: a full disk is an OSError, not torch's "unexpected pos"
-
-
-def _with_kept_checkpoint_hint(fn):
-    """`train`: when an output cannot be written (OutputError), say which checkpoint is kept and how to go on."""
-    import functools
-    import inspect
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from .errors import OutputError
-
-        try:
-            return fn(*args, **kwargs)
-        except OutputError as exc:
-            out = inspect.signature(fn).bind(*args, **kwargs).arguments.get("out")
-            if out is not None:
-                exc.set_hint(_kept_checkpoint_hint(output_paths(out)["checkpoint"], exc))
-            raise
-
-    return wrapper
-
-
-def _kept_checkpoint_hint(checkpoint: str, exc) -> str:
-    try:
-        epoch = int(_load_checkpoint(checkpoint)["epoch"]) if os.path.exists(checkpoint) else None
-    except Exception:  # noqa: BLE001 - a damaged checkpoint is not one to resume from
-        epoch = None
-    if epoch is None:
-        return f"no checkpoint is kept; {exc.remedy} and rerun"
-    return f"the checkpoint of epoch {epoch} is kept; {exc.remedy} and rerun with resume=True"
-
-
-def _load_checkpoint(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ModelFileError(f"no checkpoint to resume from: {path} (train without resume first)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelFileError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ModelFileError(f"{path} is not a ghindex training checkpoint (format {CHECKPOINT_FORMAT})")
-    return state
-
-
-def _extract_features(model: Encoder, source: DataSource, device, batch_size: int, workers: int,
-                      autocast, progress: bool, fn=None) -> tuple[torch.Tensor, np.ndarray]:
-    """Frozen backbone (or `fn`) over the whole source once (eval mode). Returns (outputs float32 on CPU,
-    indices of the items that decoded); bad images are skipped with a warning."""
-    fn = fn or model.backbone
-    if source.kind == "features":
-        return torch.from_numpy(np.ascontiguousarray(source.features, dtype=np.float32)), np.arange(len(source))
-    c = model.config
-    dataset = ImageDataset(source, _Preprocess(c.image_size, c.mean, c.std), (3, c.image_size, c.image_size))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         collate_fn=collate, pin_memory=device.type == "cuda")
-    feats, kept, bad = [], [], 0
-    model.eval()
-    with torch.inference_mode(), tqdm(total=len(source), unit="img", desc="caching backbone features",
-                                      file=sys.stderr, disable=not progress, leave=False) as bar:
-        for idx, x, errors in loader:
-            ok = torch.tensor([not e for e in errors], dtype=torch.bool)
-            for e in errors:
-                if e:
-                    bad += 1
-                    if bad <= MAX_WARNED_IMAGES:
-                        logger.warning("skipping %s", e)
-            if ok.any():
-                with autocast():
-                    f = fn(x[ok].to(device, non_blocking=True))
-                feats.append(f.float().cpu())
-                kept.append(idx[ok].numpy())
-            bar.update(len(idx))
-    if bad:
-        logger.warning("skipped %d undecodable image(s) of %d", bad, len(source))
-    if not feats:
-        raise DataError(f"no decodable images in {source.description}")
-    return torch.cat(feats), np.concatenate(kept)
-
-
-def _extract_features_sharded(model: Encoder, source: DataSource, *args) -> tuple[torch.Tensor, np.ndarray]:
-    """`_extract_features` with several processes: each runs the frozen backbone over its contiguous
-    1/N of the items, then all gather the pieces in rank order, so every process holds the same cache
-    a single process would have built (the items are shuffled across all of it every epoch)."""
-    if not distributed.is_distributed() or source.kind == "features":
-        return _extract_features(model, source, *args)
-    start, stop = distributed.shard_range(len(source))
-    feats, kept = _extract_features(model, source.subset(np.arange(start, stop)), *args)
-    return (distributed.all_gather_rows(feats),
-            distributed.all_gather_rows(torch.from_numpy(kept + start)).numpy())
-
-
-def _check_outputs(out, resume: bool, overwrite: bool) -> None:
-    """Resuming needs a model path; starting over must not replace an earlier run's files by accident."""
-    if resume and out is None:
-        raise ConfigError("resume needs out, the model path whose checkpoint to continue")
-    if out is not None and not resume and not overwrite:
-        paths = output_paths(out)
-        existing = [paths[k] for k in ("checkpoint", "model") if os.path.exists(paths[k])]
-        if existing:
-            raise ConfigError(f"{existing[0]} exists: resume=True continues that training, "
-                              "overwrite=True starts over")
-
-
-def _objective_kind(unsupervised: bool, multi_label: bool, freeze_backbone, batch_size) -> str:
-    kind = "unsupervised" if unsupervised else ("multi-label" if multi_label else "supervised")
-    if unsupervised and multi_label:
-        raise ConfigError("multi_label applies to supervised training; unsupervised uses no labels")
-    if unsupervised and freeze_backbone is False:
-        raise ConfigError("unsupervised training keeps the backbone frozen: its features are the similarity target")
-    if kind == "unsupervised" and batch_size < 2:
-        raise ConfigError("unsupervised training compares pairs: batch_size must be at least 2")
-    return kind
-
-
-def _setup_processes(device, kind: str, batch_size, progress) -> tuple[torch.device, int, bool]:
-    """This process's device and the number of processes (with torchrun: joins the process group);
-    progress bars only on the main process."""
-    torch_device = resolve_device(device)
-    world = distributed.world_size()
-    if world > 1:  # launched by torchrun: data parallel, `batch_size` is the batch of all processes together
-        if batch_size % world or (kind == "unsupervised" and batch_size // world < 2):
-            raise ConfigError(f"batch_size {batch_size} is split over {world} processes: use a multiple of {world}"
-                              + (" with at least 2 items per process" if kind == "unsupervised" else ""))
-        torch_device = distributed.device_for_rank(torch_device)
-        distributed.setup(torch_device)
-        progress = progress and distributed.is_main()
-    return torch_device, world, progress
-
-
-def _run_group(kind: str, freeze_backbone, backbone, data) -> str:
-    """Which PRESETS entry applies: "unsupervised", "frozen" or "finetune"."""
-    if kind == "unsupervised":
-        return "unsupervised"
-    if freeze_backbone or backbone == "identity":
-        return "frozen"
-    if backbone is None:  # feature arrays get the identity backbone, which is frozen
-        if isinstance(data, DataSource):
-            return "frozen" if data.kind == "features" else "finetune"
-        if os.path.splitext(os.fspath(data))[1].lower() in ARRAY_EXTENSIONS:
-            return "frozen"
-    return "finetune"
-
-
-def _held_out_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(training rows, held-out rows) of n training items, or None when the slice would be too small."""
-    n_val = min(MAX_VAL_ITEMS, int(fraction * n))
-    if n_val < MIN_VAL_ITEMS or n - n_val < 2:
-        return None
-    perm = np.random.default_rng([int(seed), 14]).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 def _pca_init(x: torch.Tensor, bits: int, seed: int) -> torch.Tensor:

@@ -1,0 +1,103 @@
+"""What `train` makes of its arguments before a run starts: the presets that fill in settings left as
+None, the checks of every argument, the kind of objective and of run, and this process's device and
+share of the work (torchrun)."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import distributed
+from .data import ARRAY_EXTENSIONS, DataSource
+from .device import resolve_device
+from .errors import ConfigError
+from .hashing import check_bits
+
+# What `train` fills in for settings left as None, per preset and kind of run ("unsupervised",
+# "frozen": supervised on a frozen backbone, "finetune": supervised through the whole network).
+# "default": chosen on a validation split of CIFAR-10's training set (benchmarks/bench_defaults.py,
+# RESULTS.md "Training defaults"); "paper": GreedyHash's published CIFAR settings (Su et al. 2018).
+_SGD = dict(alpha=0.1, center=True, init="random", batch_size=32, backbone_lr_scale=1.0)  # the paper's base
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {
+        "unsupervised": {**_SGD, "lr": 1e-2, "alpha": 1.0, "init": "pca", "epochs": 20, "batch_size": 256},
+        "frozen": {**_SGD, "lr": 1e-3, "epochs": 30},
+        "finetune": {**_SGD, "lr": 1e-3, "epochs": 50, "backbone_lr_scale": 0.1},
+    },
+    "paper": {
+        "unsupervised": {**_SGD, "lr": 1e-4, "center": False, "epochs": 50},
+        "frozen": {**_SGD, "lr": 1e-3, "epochs": 100},
+        "finetune": {**_SGD, "lr": 1e-3, "epochs": 100},
+    },
+}
+
+
+def _check_args(bits, epochs, lr, lr_step, momentum, weight_decay, batch_size, alpha, image_size, workers,
+                backbone_lr_scale=1.0, val_fraction=0.0, val_every=1, preset="default"):
+    check_bits(bits)
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    if backbone_lr_scale is not None and not (backbone_lr_scale >= 0 and math.isfinite(backbone_lr_scale)):
+        raise ConfigError(f"backbone_lr_scale must be >= 0, got {backbone_lr_scale!r}")
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1) (0: no held-out slice), got {val_fraction!r}")
+    if isinstance(val_every, bool) or not isinstance(val_every, (int, np.integer)) or val_every < 1:
+        raise ConfigError(f"val_every must be a positive integer, got {val_every!r}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("image_size", image_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"lr must be a positive number, got {lr!r}")
+    if lr_step is not None and (not isinstance(lr_step, (int, np.integer)) or lr_step < 0):
+        raise ConfigError(f"lr_step must be an integer >= 0 (0: never decay), got {lr_step!r}")
+    if not 0 <= momentum < 1:
+        raise ConfigError(f"momentum must be in [0, 1), got {momentum!r}")
+    if not weight_decay >= 0:
+        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if not (alpha >= 0 and math.isfinite(alpha)):
+        raise ConfigError(f"alpha must be >= 0, got {alpha!r}")
+    if workers is not None and workers < 0:
+        raise ConfigError(f"workers must be >= 0, got {workers!r}")
+
+
+def _objective_kind(unsupervised: bool, multi_label: bool, freeze_backbone, batch_size) -> str:
+    kind = "unsupervised" if unsupervised else ("multi-label" if multi_label else "supervised")
+    if unsupervised and multi_label:
+        raise ConfigError("multi_label applies to supervised training; unsupervised uses no labels")
+    if unsupervised and freeze_backbone is False:
+        raise ConfigError("unsupervised training keeps the backbone frozen: its features are the similarity target")
+    if kind == "unsupervised" and batch_size < 2:
+        raise ConfigError("unsupervised training compares pairs: batch_size must be at least 2")
+    return kind
+
+
+def _setup_processes(device, kind: str, batch_size, progress) -> tuple[torch.device, int, bool]:
+    """This process's device and the number of processes (with torchrun: joins the process group);
+    progress bars only on the main process."""
+    torch_device = resolve_device(device)
+    world = distributed.world_size()
+    if world > 1:  # launched by torchrun: data parallel, `batch_size` is the batch of all processes together
+        if batch_size % world or (kind == "unsupervised" and batch_size // world < 2):
+            raise ConfigError(f"batch_size {batch_size} is split over {world} processes: use a multiple of {world}"
+                              + (" with at least 2 items per process" if kind == "unsupervised" else ""))
+        torch_device = distributed.device_for_rank(torch_device)
+        distributed.setup(torch_device)
+        progress = progress and distributed.is_main()
+    return torch_device, world, progress
+
+
+def _run_group(kind: str, freeze_backbone, backbone, data) -> str:
+    """Which PRESETS entry applies: "unsupervised", "frozen" or "finetune"."""
+    if kind == "unsupervised":
+        return "unsupervised"
+    if freeze_backbone or backbone == "identity":
+        return "frozen"
+    if backbone is None:  # feature arrays get the identity backbone, which is frozen
+        if isinstance(data, DataSource):
+            return "frozen" if data.kind == "features" else "finetune"
+        if os.path.splitext(os.fspath(data))[1].lower() in ARRAY_EXTENSIONS:
+            return "frozen"
+    return "finetune"
