@@ -34,211 +34,50 @@ Hamming distance of a sample of those codes to their nearest centroid (meta `dri
 measures the same for a sample of the new codes. When the new codes sit more than
 DRIFT_REBUILD_RATIO times as far from the centroids as the build's, their lists no longer describe
 them well (searches visit the wrong lists, recall at a given nprobe falls): a rebuild is recommended.
+
+This module holds `add` and `remove`; the steps they share (lock, `_recover`, STORE.pending, commit) are
+`ghindex.index.transaction`'s, the drift measurements `ghindex.index.drift`'s.
 """
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import errno
 import logging
 import os
-import shutil
-import signal
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, DataError, IndexFileError, ModelFileError, StoreError
-from ..io import atomic_path, file_fingerprint
-from .codes import pad_codes
-from .files import INDEX_FILE, META_FILE, read_meta
+from ..errors import ConfigError, DataError, ModelFileError, StoreError
+from ..io import file_fingerprint
+from .drift import (  # noqa: F401 - DRIFT_REBUILD_RATIO, drift_reference: imported from here
+    _READ_ROWS,
+    DRIFT_REBUILD_RATIO,
+    _drift_report,
+    _drift_sample_positions,
+    centroid_distances,
+    drift_reference,
+)
 from .structures import _inner
+from .transaction import (  # noqa: F401 - KILL_ENV: imported from here
+    KILL_ENV,
+    _commit,
+    _kill_point,
+    _lifecycle,
+    _locked,
+    _now,
+    _pending,
+    _recover,
+    _write_pending,
+)
 
 log = logging.getLogger(__name__)
-
-#: New codes this many times farther from their IVF centroids than the build's codes: rebuild.
-#: (Fresh codes of the build's distribution measure about 1.0; see tests/test_lifecycle.py.)
-DRIFT_REBUILD_RATIO = 1.25
-#: Codes sampled to measure distances to the centroids (at build time and per add).
-DRIFT_SAMPLE = 20_000
-#: Entries kept in meta.json's lifecycle history.
-HISTORY_LIMIT = 1000
-#: Test hook: SIGKILL this process at the named point (see `_kill_point` calls).
-KILL_ENV = "GHINDEX_TEST_KILL_AT"
-_READ_ROWS = 262_144
-
-
-# ------------------------------------------------------------------------------------------ drift
-def centroid_distances(index, codes: np.ndarray) -> np.ndarray:
-    """Hamming distance of each code to its nearest IVF centroid (the list it is assigned to)."""
-    ivf = _inner(index.faiss_index)
-    d, _ = ivf.quantizer.search(pad_codes(np.ascontiguousarray(codes), index.padded_bytes), 1)
-    return d[:, 0].astype(np.float64)
-
-
-def drift_reference(index, chunks, n: int, seed: int = 0) -> dict:
-    """Mean distance to the nearest centroid of up to DRIFT_SAMPLE seeded codes of an IVF index's own
-    codes (`chunks()` yields their (codes, ids)): what `add` compares new codes with."""
-    from .builder import _gather, _sample_positions
-
-    codes, _ = _gather(chunks, _sample_positions(n, min(n, DRIFT_SAMPLE), [int(seed), 2]), index.code_bytes, n)
-    return {"mean_distance": round(float(centroid_distances(index, codes).mean()), 4), "sample": len(codes),
-            "rebuild_ratio": DRIFT_REBUILD_RATIO}
-
-
-# ------------------------------------------------------------------------------------------ files
-def _kill_point(name: str) -> None:
-    if os.environ.get(KILL_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _sync_dir_of(path) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def side_store_path(index: str | os.PathLike) -> Path:
     """Where `add` encodes new images before they join the index: DIR.add.h5 next to the index."""
     index = Path(index)
     return index.with_name(index.name + ".add.h5")
-
-
-def _pending(store: Path) -> Path:
-    return store.with_name(store.name + ".pending")
-
-
-def _store_path(index_dir: Path, meta: dict) -> Path:
-    from . import files
-
-    resolve = getattr(files, "store_path_of", None)  # the index's one resolver of its store link, if present
-    recorded = resolve(index_dir, meta) if resolve is not None else meta.get("store_path")
-    if not recorded or not meta.get("store_fingerprint"):
-        raise StoreError(
-            f"index {index_dir} records no code store (built from arrays?); add and remove change an index "
-            "together with the code store it was built from: build it with `ghindex build --codes`"
-        )
-    path = Path(recorded)
-    if not path.is_file():
-        raise StoreError(f"code store {path} (recorded in index {index_dir}) not found")
-    return path
-
-
-@contextlib.contextmanager
-def _locked(index_dir: Path):
-    import fcntl
-
-    lock = index_dir.with_name(f".{index_dir.name}.lock")
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except FileNotFoundError:
-        read_meta(index_dir)  # names the missing index
-        raise
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            raise IndexFileError(f"another `ghindex add` or `ghindex remove` is changing {index_dir}") from None
-        raise
-    try:
-        yield
-    finally:
-        os.close(fd)  # releases the lock; the (empty) lock file stays, so two runs always lock one file
-
-
-def _restore_interrupted_swap(index_dir: Path) -> None:
-    """An index directory is replaced by two renames (DIR -> .DIR.PID.old, .DIR.PID.tmp -> DIR); a kill
-    between them leaves no DIR. Put the new one (complete: written and synced before the renames) there."""
-    if index_dir.exists():
-        return
-    from ..io import _pid_alive
-
-    prefix = f".{index_dir.name}."
-    for old in sorted(index_dir.parent.glob(f"{prefix}*.old")):
-        pid = old.name[len(prefix):-len(".old")]
-        if not pid.isdigit() or _pid_alive(int(pid)):
-            continue
-        new = old.with_name(f"{prefix}{pid}.tmp")
-        pick = new if (new / INDEX_FILE).is_file() and (new / META_FILE).is_file() else old
-        os.replace(pick, index_dir)
-        _sync_dir_of(index_dir)
-        log.info("restored index %s from an interrupted replacement", index_dir)
-        return
-
-
-def _recover(index_dir: Path) -> tuple[dict, Path]:
-    """Finish or undo what a killed add/remove left (see the module docstring); returns (meta, store)."""
-    _restore_interrupted_swap(index_dir)
-    meta = read_meta(index_dir)
-    store = _store_path(index_dir, meta)
-    pending = _pending(store)
-    recorded = meta["store_fingerprint"]
-    if file_fingerprint(store) == recorded:
-        if pending.exists():
-            pending.unlink()  # written by a run killed before its index was: it is redone
-    elif pending.is_file() and file_fingerprint(pending) == recorded:
-        os.replace(pending, store)  # killed between writing the index and renaming the store
-        _sync_dir_of(store)
-        log.info("completed an interrupted add/remove: %s is the store index %s was written for", store, index_dir)
-    else:
-        raise StoreError(
-            f"code store {store} has changed since index {index_dir} was written (fingerprint differs): "
-            f"rebuild the index with `ghindex build --codes {store} --out {index_dir} --overwrite`"
-        )
-    return meta, store
-
-
-def _history(store) -> list:
-    from ..encode_state import _history as history
-
-    return history(store)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _write_pending(store: Path, change, entry: dict) -> str:
-    """STORE.pending = STORE changed by `change(writable copy)`, its history extended by `entry`,
-    complete; written as a temporary file, synced, renamed. Returns its fingerprint."""
-    from ..store import CodeStore
-
-    pending = _pending(store)
-    with atomic_path(pending) as tmp:
-        shutil.copyfile(store, tmp)
-        with CodeStore.open(tmp, mode="a") as new:
-            change(new)
-            new.set_attrs(history=[*_history(new), entry])
-            new.mark_complete()
-    _sync_dir_of(pending)
-    return file_fingerprint(pending)
-
-
-def _lifecycle(meta: dict) -> dict:
-    life = meta.setdefault("lifecycle", {})
-    life.setdefault("ntotal_at_build", int(meta["ntotal"]))
-    life.setdefault("added", 0)
-    life.setdefault("removed", 0)
-    life.setdefault("history", [])
-    return life
-
-
-def _commit(index, index_dir: Path, store: Path, new_fingerprint: str, entry: dict, point: str) -> None:
-    """Steps 5 and 6: the new index (recording STORE.pending's fingerprint), then STORE.pending -> STORE."""
-    meta = index.meta
-    meta["store_fingerprint"] = new_fingerprint
-    history = _lifecycle(meta)["history"]
-    history.append(entry)
-    del history[:-HISTORY_LIMIT]
-    index.save(index_dir)
-    _kill_point(f"{point}:index-written")
-    os.replace(_pending(store), store)
-    _sync_dir_of(store)
-    _kill_point(f"{point}:store-replaced")
 
 
 # ------------------------------------------------------------------------------------------ add
@@ -470,50 +309,6 @@ def _add_side(index_dir: Path, meta: dict, store: Path, side: Path, ident: dict,
     return {"index": str(index_dir), "added": count, "ids_min": id_range[0], "ids_max": id_range[1],
             "ntotal": index.ntotal, "store": str(store), "drift": drift,
             "rebuild_recommended": bool(drift and drift["rebuild_recommended"])}
-
-
-def _drift_sample_positions(index, count: int) -> np.ndarray | None:
-    if index.kind != "ivf":
-        return None
-    from .builder import _sample_positions
-
-    return _sample_positions(count, min(count, DRIFT_SAMPLE), [0, 3])
-
-
-def _drift_report(index, base, meta: dict, distances: np.ndarray | None, count: int) -> dict | None:
-    """This add's and all adds' mean distance to the centroids against the build's (IVF only)."""
-    if distances is None:
-        return None
-    reference = meta.get("drift")
-    if not reference:  # built before builds recorded it: measure the store's codes now, once
-        from .builder import _live_chunks
-
-        n = len(base) - base.num_deleted
-        reference = drift_reference(index, _live_chunks(base, base.path, _READ_ROWS), n)
-        reference["measured"] = "at the first add (the build did not record it)"
-        index.meta["drift"] = reference
-    build_mean = float(reference["mean_distance"])
-    mean = float(distances.mean())
-    previous = meta.get("lifecycle", {}).get("drift") or {}
-    before = int(previous.get("added_codes", 0))
-    overall = (previous.get("added_mean_distance", 0.0) * before + mean * count) / (before + count)
-
-    def ratio(value: float) -> float:
-        if build_mean > 0:
-            return round(value / build_mean, 4)
-        return 1.0 if value == 0 else float("inf")
-
-    report = {
-        "build_mean_distance": build_mean,
-        "last_add_mean_distance": round(mean, 4),
-        "last_add_ratio": ratio(mean),
-        "added_codes": before + count,
-        "added_mean_distance": round(overall, 4),
-        "added_ratio": ratio(overall),
-        "rebuild_ratio": DRIFT_REBUILD_RATIO,
-    }
-    report["rebuild_recommended"] = max(report["last_add_ratio"], report["added_ratio"]) > DRIFT_REBUILD_RATIO
-    return report
 
 
 # ------------------------------------------------------------------------------------------ remove
