@@ -81,6 +81,7 @@ from .train_inputs import (  # noqa: F401 - MIN_VAL_ITEMS: with MAX_VAL_ITEMS, t
     _held_out_split,
     _labels_tensor,
     _load_source,
+    _pca_init,
     _Preprocess,
 )
 from .train_settings import (
@@ -95,22 +96,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_BACKBONE = "efficientnet_b0"  # ImageNet acc@1 77.7% at 0.39 GFLOPS: see README, "Backbones"
 MAX_VAL_DATABASE = 10_000  # the held-out queries are ranked against at most this many training items
-
-
-def _pca_init(x: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
-    """Hash-layer weights (bits, dim) for centred features x: the top principal directions (as many as there
-    are, at most `bits`; random directions for the rest) turned by a seeded random rotation, as ITQ starts,
-    scaled so that H has a mean square of 1. Training then starts from codes about as good as ITQ's."""
-    x64 = x.double().cpu()
-    evals, evecs = torch.linalg.eigh(x64.T @ x64 / max(len(x64) - 1, 1))
-    top = evecs[:, torch.argsort(evals, descending=True)[:bits]].T  # (<= bits, dim)
-    rng = np.random.default_rng([int(seed), 16])
-    if len(top) < bits:
-        top = torch.cat([top, torch.from_numpy(rng.normal(size=(bits - len(top), x.shape[1])))])
-    rotation, _ = np.linalg.qr(rng.normal(size=(bits, bits)))
-    w = torch.from_numpy(rotation) @ top
-    h = x64 @ w.T
-    return (w / h.pow(2).mean().sqrt().clamp_min(1e-30)).float()
 
 
 def _unset():

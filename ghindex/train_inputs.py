@@ -1,6 +1,7 @@
 """The training items and what the epochs read of them: the data source (or a protocol's training
 split), its labels as a tensor, the held-out slice, and the frozen backbone's features over the items
-(`_extract_features`, in several processes `_extract_features_sharded`)."""
+(`_extract_features`, in several processes `_extract_features_sharded`), and the hash layer's PCA start
+from those features (`_pca_init`)."""
 from __future__ import annotations
 
 import logging
@@ -123,3 +124,19 @@ def _extract_features_sharded(model: Encoder, source: DataSource, *args) -> tupl
     feats, kept = _extract_features(model, source.subset(np.arange(start, stop)), *args)
     return (distributed.all_gather_rows(feats),
             distributed.all_gather_rows(torch.from_numpy(kept + start)).numpy())
+
+
+def _pca_init(x: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
+    """Hash-layer weights (bits, dim) for centred features x: the top principal directions (as many as there
+    are, at most `bits`; random directions for the rest) turned by a seeded random rotation, as ITQ starts,
+    scaled so that H has a mean square of 1. Training then starts from codes about as good as ITQ's."""
+    x64 = x.double().cpu()
+    evals, evecs = torch.linalg.eigh(x64.T @ x64 / max(len(x64) - 1, 1))
+    top = evecs[:, torch.argsort(evals, descending=True)[:bits]].T  # (<= bits, dim)
+    rng = np.random.default_rng([int(seed), 16])
+    if len(top) < bits:
+        top = torch.cat([top, torch.from_numpy(rng.normal(size=(bits - len(top), x.shape[1])))])
+    rotation, _ = np.linalg.qr(rng.normal(size=(bits, bits)))
+    w = torch.from_numpy(rotation) @ top
+    h = x64 @ w.T
+    return (w / h.pow(2).mean().sqrt().clamp_min(1e-30)).float()
