@@ -53,10 +53,11 @@ class _Store:
         self.lookup = StoreLookup(store.ids())
         self.labels = store.labels()
         self.class_names = store.class_names
+        self.has_paths = store.has_paths  # asked for every result: an HDF5 lookup each time otherwise
         self._paths = None
 
     def paths(self, rows) -> list[str | None]:
-        if not self.store.has_paths:
+        if not self.has_paths:
             return [None] * len(rows)
         rows = [int(r) for r in rows]
         if self._paths is None and len(set(rows)) * 50 > len(self.store):
@@ -241,9 +242,9 @@ class Searcher:
                            "query_label_name": self.db.label_name(label)})
         return q_codes, q_meta
 
-    def search(self, q_codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(distances, ids) of the k nearest codes: `Index.search`."""
-        return self.index.search(q_codes, int(k))
+    def search(self, q_codes: np.ndarray, k: int, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, ids) of the k nearest codes: `Index.search` (`threads`: of its exact scan)."""
+        return self.index.search(q_codes, int(k), threads=threads)
 
     def records(self, q_meta: list[dict], dist: np.ndarray, found: np.ndarray, radius: int | None = None) -> list[dict]:
         """Search output -> one result per query: its q_meta record plus "neighbors" ranked by distance,
@@ -332,25 +333,28 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
 
 def _assemble(q_meta, dist, found, db, radius) -> list[dict]:
     results = []
+    # store rows of every neighbour at once (one lookup per call, not per query)
+    all_rows = db.lookup.rows(found) if db is not None else np.full(np.shape(found), -1, np.int64)
     for qi, m in enumerate(q_meta):
-        d, i = dist[qi], found[qi]
+        d, i, rows = dist[qi], found[qi], all_rows[qi]
         keep = i >= 0
         if radius is not None:
             keep &= d <= radius
-        d, i = d[keep].astype(np.int64), i[keep]
-        rows = db.lookup.rows(i) if db is not None else np.full(len(i), -1)
+        if not keep.all():
+            d, i, rows = d[keep], i[keep], rows[keep]
         # ties by database position (the store row), whatever order the index returned them in
         tie = np.where(rows >= 0, rows, i)
         order = np.lexsort((tie, d))
-        d, i, rows = d[order], i[order], rows[order]
+        d, i, rows = d[order].tolist(), i[order].tolist(), rows[order].tolist()
         paths = db.paths(rows) if db is not None else [None] * len(i)
         neighbours = []
+        q_label = m["query_label"]
         for rank, (dd, ii, rr, pp) in enumerate(zip(d, i, rows, paths), start=1):
-            label = db.label(int(rr)) if db is not None else None
+            label = db.label(rr) if db is not None else None
             neighbours.append({
-                "rank": rank, "id": int(ii), "distance": int(dd), "path": pp, "label": label,
+                "rank": rank, "id": ii, "distance": dd, "path": pp, "label": label,
                 "label_name": db.label_name(label) if db is not None else None,
-                "relevant": _relevant(m["query_label"], label),
+                "relevant": _relevant(q_label, label),
             })
         results.append(dict(m, neighbors=neighbours))
     return results

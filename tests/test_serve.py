@@ -467,6 +467,139 @@ def test_batcher_waits_only_for_announced_requests():
     assert burst == [4, 4, 4, 4] and calls == 2  # the burst waited for its late members: one call
 
 
+def test_batcher_without_a_window_batches_what_queued_during_the_last_call():
+    """window 0 ("natural" batching): a lone request runs at once, even with another one announced;
+    requests that arrive while a call runs all go into the next call."""
+    import threading
+
+    from ghindex.serve.batching import MicroBatcher
+
+    gate, seen = threading.Event(), []
+
+    def run(items):
+        seen.append(list(items))
+        if items == ["a"]:
+            gate.wait(10)
+        return [f"{item}!" for item in items]
+
+    async def main():
+        b = MicroBatcher(run, window_s=0.0, max_size=100)
+        with b.expecting():  # announced, never submits: nothing waits for it without a window
+            start = time.perf_counter()
+            first = asyncio.ensure_future(b.submit("a"))
+            while not seen and time.perf_counter() - start < 5:
+                await asyncio.sleep(0.001)
+            started = time.perf_counter() - start
+            rest = [asyncio.ensure_future(b.submit(x)) for x in "bcd"]
+            await asyncio.sleep(0.05)  # they queue while "a" runs
+            gate.set()
+            results = await asyncio.gather(first, *rest)
+        await b.stop()
+        return started, results
+
+    started, results = asyncio.run(main())
+    assert started < 1.0
+    assert results == ["a!", "b!", "c!", "d!"]
+    assert seen == [["a"], ["b", "c", "d"]]
+
+
+def test_batcher_stops_waiting_when_the_last_announced_request_gives_up():
+    from ghindex.serve.batching import MicroBatcher
+
+    async def main():
+        b = MicroBatcher(lambda items: list(items), window_s=5.0, max_size=100)
+
+        async def gives_up():
+            with b.expecting():
+                await asyncio.sleep(0.1)  # e.g. its input was refused: it never submits
+
+        start = time.perf_counter()
+        with b.expecting() as ticket:
+            task = asyncio.ensure_future(gives_up())
+            await asyncio.sleep(0)
+            got = await b.submit("x", ticket)
+        await task
+        await b.stop()
+        return got, time.perf_counter() - start, b.calls
+
+    got, seconds, calls = asyncio.run(main())
+    assert got == "x" and calls == 1
+    assert 0.09 < seconds < 2.0  # waited for the announced one, not for the 5 s window
+
+
+def test_announced_batcher_never_waits_for_unannounced_requests():
+    from ghindex.serve.batching import MicroBatcher
+
+    async def main():
+        b = MicroBatcher(lambda items: list(items), window_s=5.0, max_size=100, announced=True)
+        start = time.perf_counter()
+        got = await b.submit("x")  # e.g. a search right after its images were encoded
+        await b.stop()
+        return got, time.perf_counter() - start
+
+    got, seconds = asyncio.run(main())
+    assert got == "x" and seconds < 1.0
+
+
+def test_image_searches_answer_a_lone_upload_without_waiting_for_a_window(data):
+    app = create_app(data["index"], data["model"], batch_window_ms=1000)
+    upload = {"image": ("a.jpg", Path(data["paths"][0]).read_bytes(), "image/jpeg")}
+    with TestClient(app) as c:
+        c.post("/api/search", params={"k": 3}, files=upload)  # the model's first forward is slow
+        start = time.perf_counter()
+        r = c.post("/api/search", params={"k": 3}, files=upload)
+        seconds = time.perf_counter() - start
+    assert r.status_code == 200 and len(r.json()["results"][0]["neighbors"]) == 3
+    assert seconds < 0.95  # neither the encoder nor the search waited out the 1 s window
+
+
+def test_scan_threads_leave_a_core_to_the_event_loop():
+    from ghindex.serve.service import scan_threads
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert scan_threads(1) == 1
+    for n in (1, 8, 64, 10_000):
+        assert 1 <= scan_threads(n) <= max(1, cores - 1)
+
+
+def test_request_guard_endpoints_and_headers_on_the_json_fast_path(data):
+    from ghindex.serve.middleware import RequestGuard
+
+    app = create_app(data["index"])
+    guard = RequestGuard(None, app.state.service, app.router)
+    for method in ("GET", "POST", "HEAD", "PUT"):
+        for path in ("/", "/api/health", "/api/info", "/api/search", "/api/search/", "/api/sample", "/metrics",
+                     "/openapi.json", "/api/items/7", "/api/items/7/image", "/static/app.js", "/no/such"):
+            scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": []}
+            assert guard._endpoint(dict(scope)) == guard._match(dict(scope)), (method, path)
+    with TestClient(app) as c:
+        ok = c.post("/api/search", json={"ids": [7], "k": 2})
+        bad = c.post("/api/search", json={"ids": [7], "k": 0})
+        metrics = c.get("/metrics").text
+    for r in (ok, bad):
+        assert r.headers["content-type"] == "application/json"
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["cache-control"] == "no-store"
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+    assert ok.status_code == 200 and len(ok.json()["results"][0]["neighbors"]) == 2
+    assert_error(bad, 400, "k must be")
+    assert 'ghindex_requests_total{endpoint="/api/search",method="POST",status="400"} 1' in metrics
+
+
+def test_serving_process_settles_before_the_first_request(data):
+    import gc
+
+    from ghindex.serve.server import settle
+
+    app = create_app(data["index"])
+    calls = counting(app.state.service.searcher.index, "search")
+    try:
+        settle(app)
+        assert calls == [1]  # one warm-up search
+        assert gc.get_freeze_count() > 0  # what was loaded is out of the collector's way
+    finally:
+        gc.unfreeze()
+
+
 # ---- metrics -----------------------------------------------------------------------------------
 def test_metrics_in_prometheus_text(data):
     with TestClient(create_app(data["index"])) as c:

@@ -208,14 +208,15 @@ class Index:
         return f"Index({self.index_key}, bits={self.bits}, ntotal={self.ntotal:,}, {where})"
 
     # ---- search
-    def search(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, codes: np.ndarray, k: int, *, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """k nearest codes by Hamming distance: (distances int32 (Q, k'), ids int64 (Q, k')).
 
         k' = min(k, ntotal): asking for more neighbours than exist returns all of them. Rows are sorted
         by distance. A flat index on the CPU with engine 'ghindex' (the default) ranks ties by database
         position (the order codes were added), the rule `ghindex eval` uses: a row is the first k' of a
         stable sort of the exact distances. Otherwise ties come in FAISS's order. Slots an approximate
-        index could not fill have id -1 and distance -1.
+        index could not fill have id -1 and distance -1. `threads`: threads of that exact scan (default:
+        FAISS's, `faiss.omp_get_max_threads()`).
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise SearchError(f"k must be a positive integer, got {k!r}")
@@ -235,7 +236,7 @@ class Index:
                 d, positions = gpu_index.search(batch, k)
                 i = np.where(positions >= 0, positions_to_ids[np.maximum(positions, 0)], -1)
             elif scan is not None:
-                d, positions = flatscan.knn(scan[0], batch, k, threads=faiss.omp_get_max_threads())
+                d, positions = flatscan.knn(scan[0], batch, k, threads=threads or faiss.omp_get_max_threads())
                 i = positions if scan[1] is None else scan[1][positions]
             else:
                 d, i = self._cpu.search(batch, k)

@@ -92,7 +92,7 @@ def create_app(index, model=None, *, token: str | None = None, max_upload: int =
     # ---- errors: always {"error": "..."}
     @app.exception_handler(HTTPException)
     async def httperror_response(request, exc: HTTPException):
-        return error_response(exc.status_code, exc.detail, getattr(exc, "headers", None))
+        return http_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validationerror_response(request, exc: RequestValidationError):
@@ -102,8 +102,7 @@ def create_app(index, model=None, *, token: str | None = None, max_upload: int =
 
     @app.exception_handler(GhindexError)
     async def ghindexerror_response(request, exc: GhindexError):
-        user = isinstance(exc, (ConfigError, SearchError, ImageError))
-        return error_response(400 if user else 500, str(exc))
+        return ghindex_error_response(exc)
 
     @app.exception_handler(Exception)
     async def internalerror_response(request, exc: Exception):
@@ -132,17 +131,7 @@ def create_app(index, model=None, *, token: str | None = None, max_upload: int =
         Neighbours are ranked by Hamming distance, ties by database position: the same rows as
         `ghindex query --format json`.
         """
-        start = time.perf_counter()
-        # announced at once, so that a micro-batch forming now waits for this request (see batching)
-        with service.search_batcher.expecting() as ticket:
-            params = query_params(request)
-            if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-                with service.encode_batcher.expecting() as encode_ticket:
-                    codes, meta, k, radius = await search_input_from_form(request, params, service, encode_ticket)
-            else:
-                codes, meta, k, radius = await search_input_from_json(request, params, service)
-            results = await service.search(codes, meta, k, radius, ticket)
-        return JSONResponse({"results": results, "took_ms": round((time.perf_counter() - start) * 1000, 3)})
+        return await search_response(request, service)
 
     @app.get("/api/items/{item_id}", response_model=None,
              responses={200: {"model": Item}, **ERROR_RESPONSES, 404: {"model": Error, "description": "unknown id"}})
@@ -195,13 +184,60 @@ def create_app(index, model=None, *, token: str | None = None, max_upload: int =
             raise ApiError(404, "Not Found")
         return _static_response(static, name)
 
-    app.add_middleware(RequestGuard, service=service, router=app.router)
+    async def search_json(scope, receive, send) -> bool:
+        """POST /api/search with a JSON body (ids or codes), answered without the router and FastAPI's
+        request handling (the hot path of the service); multipart uploads are declined (False) and go
+        the route's way. Errors are those of the route: the same exception handlers answer them."""
+        request = Request(scope, receive)
+        if _is_form(request):
+            return False
+        try:
+            response = await search_response(request, service)
+        except HTTPException as exc:
+            response = http_error_response(exc)
+        except GhindexError as exc:
+            response = ghindex_error_response(exc)
+        await response(scope, receive, send)
+        return True
+
+    app.add_middleware(RequestGuard, service=service, router=app.router, fast={("POST", "/api/search"): search_json})
     if cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
     return app
+
+
+def _is_form(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+
+
+async def search_response(request: Request, service: Service) -> JSONResponse:
+    """The answer of POST /api/search (JSON ids or codes, or a multipart form of images)."""
+    start = time.perf_counter()
+    params = query_params(request)
+    if _is_form(request):
+        # announced to the encoder at once, so that an encoder batch forming now can wait for these
+        # images (see batching); not to the search batcher: reading, decoding and encoding take far
+        # longer than a search batch could wait, and the search follows the encoding at once
+        with service.encode_batcher.expecting() as encode_ticket:
+            codes, meta, k, radius = await search_input_from_form(request, params, service, encode_ticket)
+        results = await service.search(codes, meta, k, radius)
+    else:
+        with service.search_batcher.expecting() as ticket:  # ids are looked up in a thread first
+            codes, meta, k, radius = await search_input_from_json(request, params, service)
+            results = await service.search(codes, meta, k, radius, ticket)
+    return JSONResponse({"results": results, "took_ms": round((time.perf_counter() - start) * 1000, 3)})
+
+
+def http_error_response(exc: HTTPException) -> JSONResponse:
+    return error_response(exc.status_code, exc.detail, getattr(exc, "headers", None))
+
+
+def ghindex_error_response(exc: GhindexError) -> JSONResponse:
+    user = isinstance(exc, (ConfigError, SearchError, ImageError))
+    return error_response(400 if user else 500, str(exc))
 
 
 def _version() -> str:

@@ -1,20 +1,21 @@
-"""Micro-batching: requests that arrive within a short window become one call in a worker thread.
+"""Micro-batching: requests that come together become one call in a worker thread.
 
 One `MicroBatcher` per kind of work (searching codes, encoding images). Each request submits its item
-and awaits a future; a single worker task takes the first waiting item, waits up to `window_s` for
-more, takes what has arrived up to `max_size`, and runs ONE call of `run(items)` in a thread: a flat
-FAISS scan or a network forward is then paid once per batch instead of once per request, and neither
-ever blocks the event loop. While that call runs, new requests queue up and form the next batch.
-`window_s=0, max_size=1` is one-at-a-time serving.
+and awaits a future; a single worker task takes the first waiting item plus everything else already
+waiting (up to `max_size`) and runs ONE call of `run(items)` in a thread: a flat scan or a network
+forward is then paid once per batch instead of once per request, and neither ever blocks the event
+loop. While that call runs, new requests queue up and form the next batch ("natural" batching: under
+load batches grow by themselves, and a lone request never waits for company).
 
-Requests can announce themselves when they arrive (`expecting()`), before their input is parsed and
-checked; the worker then waits only while announced requests are still on their way (never longer than
-the window), so a lone request is not delayed by the window and a burst is not cut short by it.
+`window_s` > 0 lets a batch also wait, at most that long, for requests that are on their way: with
+`expecting()` tickets (requests announce themselves when they arrive, before their input is parsed
+and checked) it waits only while announced requests have not submitted yet, so a lone request is
+not delayed and a burst is not cut short; without tickets it waits out the window. `window_s=0,
+max_size=1` is one-at-a-time serving.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -23,11 +24,11 @@ from typing import Any, Callable, Hashable, Sequence
 log = logging.getLogger(__name__)
 
 
-#: How often a waiting worker looks for announced requests that have arrived.
-POLL_S = 0.0005
-
-
 class _Ticket:
+    """An announced request (see `MicroBatcher.expecting`); a context manager that withdraws it."""
+
+    __slots__ = ("batcher", "live")
+
     def __init__(self, batcher: "MicroBatcher"):
         self.batcher = batcher
         self.live = True
@@ -37,10 +38,19 @@ class _Ticket:
     def release(self) -> None:
         if self.live:
             self.live = False
-            self.batcher.coming -= 1
+            batcher = self.batcher
+            batcher.coming -= 1
+            if batcher.coming <= 0:
+                batcher._wake()
+
+    def __enter__(self) -> "_Ticket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     item: Any
     size: int
@@ -54,13 +64,15 @@ class MicroBatcher:
     `size(item)`: how much of the batch cap an item takes (e.g. its number of queries). `key(item)`:
     items with different keys never share a call (e.g. different k). A result that is an exception is
     raised to that item's caller only; an exception from `run` goes to every item of the call.
-    `on_batch(items, size)` is called on the event loop after each call (metrics).
+    `on_batch(items, size)` is called on the event loop after each call (metrics). `announced`: every
+    request that could join a waiting batch announces itself with `expecting()` (otherwise that is
+    assumed from the first announcement on), so a batch never waits when none is announced.
     """
 
     def __init__(self, run: Callable[[list], Sequence], *, window_s: float = 0.002, max_size: int = 256,
                  size: Callable[[Any], int] = lambda item: 1, key: Callable[[Any], Hashable] = lambda item: None,
                  executor: Executor | None = None, name: str = "batch",
-                 on_batch: Callable[[int, int], None] | None = None):
+                 on_batch: Callable[[int, int], None] | None = None, announced: bool = False):
         if window_s < 0 or max_size < 1:
             raise ValueError("window_s must be >= 0 and max_size >= 1")
         self.run, self.window_s, self.max_size = run, float(window_s), int(max_size)
@@ -69,8 +81,9 @@ class MicroBatcher:
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._carry: _Pending | None = None
+        self._waiter: asyncio.Future | None = None  # set while the worker waits for more of a batch
         self.coming = 0  # announced requests that have not submitted (or given up) yet
-        self.announcing = False  # whether anyone uses expecting(): then `coming` bounds the wait
+        self.announcing = announced  # whether requests use expecting(): then `coming` bounds the wait
         self.calls = 0  # calls of `run`
         self.items = 0  # items those calls answered
 
@@ -78,26 +91,28 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._task is None or self._task.done():
             # first use, or a new event loop (test clients may run each request in a fresh one)
-            self._loop, self._queue, self._carry = loop, asyncio.Queue(), None
+            self._loop, self._queue, self._carry, self._waiter = loop, asyncio.Queue(), None, None
             self._task = loop.create_task(self._work(), name=f"ghindex-{self.name}")
 
-    @contextlib.contextmanager
-    def expecting(self):
-        """Announce a request that will probably `submit(item, ticket)`; leaving the block (or submitting)
-        withdraws the announcement."""
-        ticket = _Ticket(self)
-        try:
-            yield ticket
-        finally:
-            ticket.release()
+    def expecting(self) -> _Ticket:
+        """Announce a request that will probably `submit(item, ticket)`: `with batcher.expecting() as
+        ticket:`; leaving the block (or submitting) withdraws the announcement."""
+        return _Ticket(self)
+
+    def _wake(self) -> None:
+        """Wake a worker waiting for more of its batch (an item came, or no announced one is left)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def submit(self, item, ticket: "_Ticket | None" = None) -> Any:
         """Queue `item` and wait for its result."""
-        if ticket is not None:
-            ticket.release()
         self._ensure_worker()
         future = self._loop.create_future()
         self._queue.put_nowait(_Pending(item, max(1, int(self.size(item))), self.key(item), future))
+        if ticket is not None:
+            ticket.release()
+        self._wake()
         return await future
 
     async def stop(self) -> None:
@@ -109,19 +124,33 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
 
+    async def _wait(self, seconds: float) -> None:
+        """Sleep until `_wake()` or for `seconds`, whichever comes first."""
+        loop = self._loop
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(seconds, _set_none, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
     async def _next_batch(self) -> list[_Pending]:
-        queue, loop = self._queue, asyncio.get_running_loop()
+        queue, loop = self._queue, self._loop
         first = self._carry or await queue.get()
         self._carry = None
         batch, total = [first], first.size
-        deadline = loop.time() + self.window_s
+        deadline = None
         while total < self.max_size:
             if queue.empty():
+                if self.window_s <= 0 or (self.announcing and self.coming <= 0):
+                    break  # nothing more on its way (or no waiting at all): go with what is here
+                if deadline is None:
+                    deadline = loop.time() + self.window_s
                 remaining = deadline - loop.time()
-                if remaining <= 0 or (self.announcing and self.coming <= 0):
+                if remaining <= 0:
                     break
-                # announced requests are on their way (or nobody announces): give them a moment
-                await asyncio.sleep(min(remaining, POLL_S) if self.announcing else remaining)
+                await self._wait(remaining)  # an announced request is on its way (or nobody announces)
                 continue
             pending = queue.get_nowait()
             if total + pending.size > self.max_size:
@@ -167,3 +196,8 @@ class MicroBatcher:
                         p.future.set_exception(result)
                     else:
                         p.future.set_result(result)
+
+
+def _set_none(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hmac
 import time
 
-from starlette.datastructures import MutableHeaders
 from starlette.routing import Match
 
 from .responses import ApiError, error_response
@@ -23,18 +22,54 @@ SECURITY_HEADERS = {
 }
 
 
+#: Added to every answer that does not set them itself, as raw ASGI header pairs.
+_DEFAULT_HEADERS = tuple((name.encode("latin-1"), value.encode("latin-1"))
+                         for name, value in {**SECURITY_HEADERS, "cache-control": "no-store"}.items())
+
+
 class RequestGuard:
-    """Token check, body-size limit, security headers and request metrics, in front of every route."""
+    """Token check, body-size limit, security headers and request metrics, in front of every route.
 
-    def __init__(self, app, service: Service, router):
+    `fast`: {(method, route path): handler(scope, receive, send) -> bool} answering a route directly
+    (behind the same checks, headers and metrics); a handler that returns False has sent nothing and
+    the request goes to the app as usual.
+    """
+
+    def __init__(self, app, service: Service, router, fast: dict | None = None):
         self.app, self.service, self.router = app, service, router
+        self.fast = dict(fast or {})
+        self._static: dict[tuple[str, str], str] | None = None
 
-    def _endpoint(self, scope) -> str:
+    def _static_endpoints(self) -> dict[tuple[str, str], str]:
+        """(method, path) -> endpoint for the paths of routes without parameters: what the route loop
+        of `_endpoint` answers for them, found once."""
+        found = {}
+        for route in self.router.routes:
+            path = getattr(route, "path", None)
+            if not path or "{" in path:
+                continue
+            for method in getattr(route, "methods", None) or ():
+                key = (method, path)
+                if key not in found:
+                    found[key] = self._match(
+                        {"type": "http", "method": method, "path": path, "root_path": "", "headers": []})
+        return found
+
+    def _match(self, scope) -> str:
         for route in self.router.routes:
             match, _ = route.matches(scope)
             if match == Match.FULL:
                 return route.path
         return "other"
+
+    def _endpoint(self, scope) -> str:
+        if not scope.get("root_path"):
+            if self._static is None:
+                self._static = self._static_endpoints()
+            found = self._static.get((scope.get("method"), scope["path"]))
+            if found is not None:
+                return found
+        return self._match(scope)
 
     def _authorized(self, scope) -> bool:
         token = self.service.token
@@ -62,10 +97,10 @@ class RequestGuard:
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                headers = MutableHeaders(scope=message)
-                for name, value in SECURITY_HEADERS.items():
-                    headers.setdefault(name, value)
-                headers.setdefault("cache-control", "no-store")
+                headers = list(message.get("headers") or ())
+                present = {name for name, _ in headers}
+                headers += [pair for pair in _DEFAULT_HEADERS if pair[0] not in present]
+                message["headers"] = headers
             await send(message)
 
         received = 0
@@ -90,7 +125,9 @@ class RequestGuard:
                                      _too_large(limit) if length.isdigit() else "invalid Content-Length")(
                     scope, receive, send_with_headers)
                 return
-            await self.app(scope, limited_receive, send_with_headers)
+            fast = self.fast.get((scope.get("method"), endpoint))
+            if fast is None or not await fast(scope, limited_receive, send_with_headers):
+                await self.app(scope, limited_receive, send_with_headers)
         finally:
             self.service.metrics.observe_request(endpoint, scope.get("method", ""), status[0],
                                                  time.perf_counter() - start)

@@ -65,6 +65,8 @@ def _options(sources: list[dict[str, Any]]) -> tuple[int, int | None]:
 
 def query_params(request: Request) -> dict[str, str]:
     params: dict[str, str] = {}
+    if not request.scope.get("query_string"):
+        return params
     for name, value in request.query_params.multi_items():
         if name not in ("k", "radius"):
             raise bad_request(f"unknown query parameter {name[:40]!r} (expected k, radius)")

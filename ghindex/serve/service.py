@@ -1,15 +1,17 @@
 """The state of one running app: the `Searcher`, its micro-batchers, their worker threads and the metrics.
 
-FAISS and torch run in the executor's threads, never on the event loop; requests arriving within a
-few milliseconds share one call (see `batching`).
+FAISS, the exact scan and torch run in the executor's threads, never on the event loop; requests that
+come while a call runs share the next one (see `batching`).
 """
 from __future__ import annotations
 
 import functools
 import io
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 
 from ..query import Searcher
@@ -19,6 +21,7 @@ from .metrics import Metrics
 MAX_ENCODE_BATCH = 64  #: images per encoder call
 THUMBNAIL_PX = 256  #: longest side of the images served for the page
 DEFAULT_MAX_UPLOAD = 20 * 2**20
+SCAN_QUERIES_PER_THREAD = 8  #: a scan gets a thread per this many queries (see `scan_threads`)
 
 
 @dataclass
@@ -44,17 +47,17 @@ class Service:
         self.search_batcher = MicroBatcher(
             self._search_batch, window_s=window, max_size=max_batch, size=lambda job: len(job.codes),
             key=lambda job: job.k, executor=self.executor, name="search",
-            on_batch=self.metrics.observe_search_batch)
+            on_batch=self.metrics.observe_search_batch, announced=True)
         self.encode_batcher = MicroBatcher(
             self._encode_batch, window_s=window, max_size=min(max_batch, MAX_ENCODE_BATCH), size=len,
-            executor=self.executor, name="encode", on_batch=self.metrics.observe_encode_batch)
+            executor=self.executor, name="encode", on_batch=self.metrics.observe_encode_batch, announced=True)
         self.searcher.cache_paths()
         self._thumbnail = functools.lru_cache(maxsize=512)(_thumbnail)
 
     # ---- work done in the executor, one call per micro-batch
     def _search_batch(self, jobs: list[SearchJob]) -> list:
         codes = jobs[0].codes if len(jobs) == 1 else np.concatenate([job.codes for job in jobs])
-        dist, found = self.searcher.search(codes, jobs[0].k)
+        dist, found = self.searcher.search(codes, jobs[0].k, threads=scan_threads(len(codes)))
         out, start = [], 0
         for job in jobs:
             stop = start + len(job.codes)
@@ -90,6 +93,17 @@ class Service:
         await self.encode_batcher.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.searcher.close()
+
+
+def scan_threads(queries: int) -> int:
+    """Threads for an exact scan of `queries` codes in the server: one core stays free for the event loop
+    (which parses and answers every request), and a small batch gets one thread, which is cheaper per
+    query than several: with 2 cores, one thread always."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(faiss.omp_get_max_threads(), cores - 1, queries // SCAN_QUERIES_PER_THREAD))
 
 
 def _thumbnail(path: str) -> tuple[bytes, str]:
