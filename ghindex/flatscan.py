@@ -32,9 +32,10 @@ benchmarks/bench_index.py scan):
   skipped: the scan is the popcount loop.
 - The database is walked in chunks of ``CHUNK_BYTES`` (they stay in L2) by groups of ``GROUP``
   queries, so a chunk comes from memory once per group. A group of fewer than ``TILE`` queries
-  streams the database from memory: with codes of 16 bytes or more it goes a cache line at a time,
-  each line a few KiB ahead prefetched by hand (the hardware prefetcher alone leaves the core
-  waiting), the minimum over a block kept in registers. Threads (a pool; the kernels release the
+  over a database of ``STREAM_BYTES`` or more (past what the last-level cache keeps between
+  searches) with codes of 16 bytes or more streams it a cache line at a time, each line a few KiB
+  ahead prefetched by hand (the hardware prefetcher alone leaves the core waiting), the minimum
+  over a block kept in registers. Threads (a pool; the kernels release the
   GIL) take (query group, database part) items one at a time; few queries are split over database
   parts and merged, so one query still uses every thread.
 - For large k (k * LARGE_K_RATIO >= N) a per-query counting selection replaces the heaps: all

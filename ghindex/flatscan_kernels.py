@@ -5,9 +5,9 @@ drives them: checks, work items, threads, merging).
   with unaligned loads (`_load64`, `_load32`).
 - `_knn_heap_kernel`: a group of queries over a span of the database, in chunks of ``CHUNK_BYTES``,
   tiles of ``TILE`` queries and blocks of ``BLOCK`` codes, into per-query max-heaps of
-  ``distance << _POS_BITS | position`` keys. A group of fewer than ``TILE`` queries streams the
-  database from memory: codes of ``STREAM_WIDTH`` bytes or more then go a cache line at a time,
-  prefetched ``PREFETCH_BYTES`` ahead (`_block_stream1`).
+  ``distance << _POS_BITS | position`` keys. A group of fewer than ``TILE`` queries over a database
+  of ``STREAM_BYTES`` or more streams it from memory: codes of ``STREAM_WIDTH`` bytes or more then go
+  a cache line at a time, prefetched ``PREFETCH_BYTES`` ahead (`_block_stream1`).
 - `_knn_count_kernel`: the counting selection for large k.
 - `_range_count_kernel`, `_range_fill_kernel`: range search's two passes over superblocks of
   ``SUPERBLOCK`` codes.
@@ -33,10 +33,13 @@ BLOCK = 256
 CHUNK_BYTES = 128 * 1024
 #: Codes per superblock in range search (counts are kept per query and superblock).
 SUPERBLOCK = 4096
-#: Fewer than TILE queries with codes of STREAM_WIDTH bytes or more: `_block_stream1`, which prefetches
-#: PREFETCH_BYTES ahead. One query over 1M codes on one core (AVX2 EPYC, loaded) ran 1.15-1.4x faster
-#: with 16-64 byte codes; 4 and 8-byte codes are faster with `_block_min1`, which LLVM vectorises.
+#: Fewer than TILE queries, codes of STREAM_WIDTH bytes or more, a database of STREAM_BYTES or more
+#: (past what the last-level cache keeps between searches): `_block_stream1`, which prefetches
+#: PREFETCH_BYTES ahead. One query on one core (AVX2 EPYC, 32 MiB L3, loaded): 1.15-1.4x faster over
+#: 1M codes of 16-64 bytes (16-64 MB); over 3-10 MB, and with 4 and 8-byte codes, `_block_min1`, which
+#: LLVM vectorises, is faster (up to 1.3x).
 STREAM_WIDTH = 16
+STREAM_BYTES = 12 << 20
 PREFETCH_BYTES = 4096
 #: Bytes of a cache line (x86-64, ARM64).
 LINE = 64
@@ -312,7 +315,8 @@ def _knn_heap_kernel(db, qwords, k, fast_width, width, lo, hi, heaps):
         for t0 in range(0, nq, TILE):
             t1, t2, t3, q0, q1, q2, q3 = _tile(qwords, t0)
             if t0 + TILE > nq and not generic:  # fewer than four left: one query at a time
-                stream = nq < TILE and width >= STREAM_WIDTH  # no tile brings the chunk into cache
+                # no tile brings the chunk into cache, nor is the database likely to be there
+                stream = nq < TILE and width >= STREAM_WIDTH and db.shape[0] >= STREAM_BYTES
                 for t in range(t0, nq):
                     for b0 in range(c0, c1, BLOCK):
                         b1 = min(c1, b0 + BLOCK)
