@@ -33,7 +33,8 @@ Bars:
    checked equal in every cell. A cell of 10,000 queries times the first m of them (m sized so that
    one FAISS pass takes about 0.3 s, at least 32): throughput is linear in the number of queries once
    there are enough to batch, and the whole grid then fits in 15 minutes. A pass of a one-query cell
-   is 20 searches of one query each ("20 x 1").
+   is m searches of one query each ("m x 1"), m sized the same way from one thread (FAISS searches a
+   single query on one thread), at least 20: about 0.3 s of FAISS, long enough to time steadily.
 
 How the structured codes are made (part 3): SimHash of a Gaussian mixture, i.e. codes = sign(W x)
 packed LSB-first, with W a fixed random 128x64 Gaussian projection and x = c_j + s_j * e, e ~ N(0, I)
@@ -350,8 +351,18 @@ SCAN_QUICK = dict(sizes=(1_000_000,), bits=(64, 256), queries=(1, 10_000), ks=(1
 SCAN_PASS_WORDS = 3e8
 #: The issue-17 bar: Index.search / bare IndexBinaryFlat at 1M 64-bit codes, k = 10, 1 and 2 threads.
 SCAN_BAR = 2.5
-#: A pass of a one-query cell: this many searches of one query each (one search is too short to time).
+#: A pass of a one-query cell: at least this many searches of one query each (one is too short to time).
 SCAN_SINGLES = 20
+
+
+def scan_pass(n: int, bits: int, nq: int, threads: int) -> int:
+    """Queries one timed pass of a cell searches: about SCAN_PASS_WORDS words per thread for FAISS (at
+    least 32 and at most nq queries), or for a one-query cell SCAN_PASS_WORDS words of single-query
+    searches (FAISS searches one query on one thread), at least SCAN_SINGLES of them."""
+    words = n * bits / 64
+    if nq == 1:
+        return max(SCAN_SINGLES, int(SCAN_PASS_WORDS / words))
+    return int(np.clip(SCAN_PASS_WORDS * threads / words, 32, nq))
 
 
 def cpu_hz() -> float | None:
@@ -402,7 +413,8 @@ def part_scan(cfg: dict, lines: list) -> bool:
             for bits in cfg["bits"]:
                 rng = np.random.default_rng(bits)
                 database = rng.integers(0, 256, (n, bits // 8), dtype=np.uint8)
-                pool = rng.integers(0, 256, (max(cfg["queries"]), bits // 8), dtype=np.uint8)
+                most = max(scan_pass(n, bits, nq, t) for nq in cfg["queries"] for t in cfg["threads"])
+                pool = rng.integers(0, 256, (max(most, *cfg["queries"]), bits // 8), dtype=np.uint8)
                 bare = faiss.IndexBinaryFlat(bits)
                 bare.add(database)
                 ours = build_from_arrays(database, index_key="BFlat")
@@ -411,8 +423,7 @@ def part_scan(cfg: dict, lines: list) -> bool:
                     for k in cfg["ks"]:
                         for threads in cfg["threads"]:
                             faiss.omp_set_num_threads(threads)
-                            m = SCAN_SINGLES if nq == 1 else int(
-                                np.clip(SCAN_PASS_WORDS * threads / (n * bits / 64), 32, nq))
+                            m = scan_pass(n, bits, nq, threads)
                             queries = pool[:m]
                             batches = effective_batches(cfg["batches"], m) if nq > 1 else cfg["batches"][:1]
 
