@@ -121,3 +121,6 @@ def cli(verbose: int, quiet: bool) -> None:
     if int(os.environ.get("RANK", "0")) > 0 and not verbose:  # under torchrun, rank 0 tells the story
         level = logging.WARNING
     logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s", force=True)
+    # FAISS logs at INFO which CPU build it loads (and a failed AVX2 attempt that reads like an error);
+    # stderr is for ghindex's own progress (-vv shows it). Set here, before any command imports faiss.
+    logging.getLogger("faiss.loader").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.WARNING)

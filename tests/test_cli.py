@@ -45,3 +45,21 @@ def test_errors_become_one_line_and_exit_1(runner, exc, expected):
 def test_cli_reference_is_up_to_date():
     committed = (ROOT / "docs" / "CLI.md").read_text()
     assert committed == cli_reference(), "docs/CLI.md is stale: run `make docs`"
+
+
+def test_stderr_carries_no_faiss_loader_lines(tmp_path):
+    """FAISS logs at INFO which CPU build it loads (incl. a failed AVX2 attempt that reads like an
+    error); a fresh `ghindex` process logging at INFO must show only ghindex's own lines."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from ghindex.index import build_from_arrays
+
+    codes = np.random.default_rng(0).integers(0, 256, (100, 8), dtype=np.uint8)
+    build_from_arrays(codes, index_key="BFlat").save(tmp_path / "index")
+    result = subprocess.run([sys.executable, "-m", "ghindex_cli", "info", str(tmp_path / "index")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Loading faiss" not in result.stderr and "Could not load library" not in result.stderr

@@ -36,13 +36,8 @@ Modules, one job each (none imports this package's ``__init__``):
 """
 from __future__ import annotations
 
-import logging
 import sys
 import types
-
-# FAISS logs which CPU build it loads at INFO; the CLI's stderr log is for ghindex's own progress.
-# Set before the submodules below import faiss for the first time.
-logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 from . import builder, codes, core, files, gpu, keys, memory, structures  # noqa: E402
 from .builder import ChunkSource, build, build_from_arrays  # noqa: E402
