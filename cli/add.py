@@ -5,6 +5,8 @@ import json
 
 import click
 
+from .output import echo_rows
+
 
 #: Options `add` shares with `ghindex encode` (the same option objects, so the same names and help).
 ENCODE_OPTIONS = ("batch_size", "workers", "device", "precision", "strict", "checkpoint_seconds", "checkpoint_rows",
@@ -74,8 +76,6 @@ def add(index, data, model, codes, root, ids_from, keep_ids, discard_pending, fm
         rows.append(("rebuild", "recommended: the new codes sit far from the trained lists" if
                      summary["rebuild_recommended"] else "not needed"))
     rows.append(("seconds", f"{summary['seconds']:.1f}"))
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        click.echo(f"{name:<{width}}  {value}")
+    echo_rows(rows)
     for item in encoded.get("skipped_items", []):
         click.echo(f"skipped  {item['path']}: {item['reason']}")

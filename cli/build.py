@@ -7,6 +7,8 @@ import click
 
 from ghindex.index.tuning import TUNE_QUERIES
 
+from .output import echo_rows
+
 
 @click.command("build")
 @click.option("--codes", required=True, type=click.Path(dir_okay=False),
@@ -67,9 +69,7 @@ def build(codes, out, index_key, index_param, gpu, max_memory, overwrite, seed, 
     ]
     if meta.get("tuning"):
         rows.insert(5, ("tuning", _tuning_text(meta["tuning"])))
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        click.echo(f"{name:<{width}}  {value}")
+    echo_rows(rows)
 
 
 def _tuning_text(tuning: dict) -> str:

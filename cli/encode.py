@@ -5,6 +5,8 @@ import json
 
 import click
 
+from .output import echo_rows
+
 
 @click.command("encode")
 @click.option("--model", "-m", required=True, type=click.Path(dir_okay=False),
@@ -81,9 +83,7 @@ def encode(model, data, out, protocol, split, seed, root, ids_from, batch_size, 
                  f"{summary['setup_seconds']:.1f} s of setup"),
         ("device", f"{summary['device']} ({summary['precision']})"),
     ]
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        click.echo(f"{name:<{width}}  {value}")
+    echo_rows(rows)
     for item in summary["skipped_items"]:
         click.echo(f"skipped  {item['path']}: {item['reason']}")
     if summary["skipped"] > len(summary["skipped_items"]):

@@ -5,6 +5,8 @@ import json
 
 import click
 
+from .output import echo_rows
+
 
 def _text(value) -> str:
     if value is None:
@@ -54,10 +56,5 @@ def info(path, fmt):
     rows = [(k, _text(v)) for k, v in result.items()]
     rows += [(f"link.{name}", _link(link)) for name, link in links.items() if link]
     rows += [(f"attr.{k}", _text(v)) for k, v in sorted(attrs.items())]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        click.echo(f"{key:<{width}}  {value}")
-    for entry in history:
-        click.echo(f"{'run':<{width}}  {_text(entry)}")
-    for item in skipped:
-        click.echo(f"{'skipped':<{width}}  {item['path']}: {item['reason']}")
+    echo_rows(rows, [("run", _text(entry)) for entry in history]
+              + [("skipped", f"{item['path']}: {item['reason']}") for item in skipped])

@@ -5,6 +5,8 @@ import json
 
 import click
 
+from .output import echo_rows
+
 
 @click.command("remove")
 @click.option("--index", "index", required=True, type=click.Path(file_okay=False),
@@ -37,6 +39,4 @@ def remove(index, ids, ids_file, fmt):
         ("rebuilt", "yes (FAISS cannot remove from this index kind)" if summary["rebuilt"] else "no"),
         ("seconds", f"{summary['seconds']:.1f}"),
     ]
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        click.echo(f"{name:<{width}}  {value}")
+    echo_rows(rows)
