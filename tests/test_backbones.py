@@ -194,7 +194,7 @@ def test_presets_fill_unset_settings_only():
         ghindex.train(src, preset="fast", **run)
 
 
-def test_backbone_layers_get_a_smaller_learning_rate(tmp_path):
+def test_backbone_layers_learn_at_lr_times_backbone_lr_scale(tmp_path):
     folder = make_images(str(tmp_path / "imgs"), per_class=3)
     torch.manual_seed(0)
     weights = tmp_path / "s.pt"
@@ -211,13 +211,13 @@ def test_backbone_layers_get_a_smaller_learning_rate(tmp_path):
 
     run.make_optimizer = spy
     try:
-        ghindex.train(folder, weights=str(weights), **common)  # pretrained (a file): preset scale
-        scale = train_module.PRESETS["default"]["finetune"]["backbone_lr_scale"]
-        assert seen["lrs"] == pytest.approx([0.01, 0.01 * scale])
+        ghindex.train(folder, weights=str(weights), **common)  # pretrained (a file): one lr (measured best)
+        assert train_module.PRESETS["default"]["finetune"]["backbone_lr_scale"] == 1.0
+        assert seen["lrs"] == pytest.approx([0.01, 0.01])
         ghindex.train(folder, weights=str(weights), backbone_lr_scale=0.5, **common)
         assert seen["lrs"] == pytest.approx([0.01, 0.005])
-        ghindex.train(folder, weights="none", **common)  # from scratch: one learning rate
-        assert seen["lrs"] == pytest.approx([0.01, 0.01])
+        ghindex.train(folder, weights="none", backbone_lr_scale=0.5, **common)  # an explicit scale always wins
+        assert seen["lrs"] == pytest.approx([0.01, 0.005])
     finally:
         run.make_optimizer = real
 
@@ -279,3 +279,18 @@ def test_unsupervised_defaults_do_not_depend_on_the_feature_scale():
     assert small.config.extra["training"]["init"] == "pca"
     assert big.config.extra["training"]["feature_scale"] == pytest.approx(
         small.config.extra["training"]["feature_scale"] / 1000, rel=1e-6)
+
+
+def test_unsupervised_defaults_survive_outlier_rows():
+    # Real 32 px MobileNetV2 features have rows up to 8x the median distance from the mean; with one
+    # common scale their H values made the cubic penalty blow up (loss inf in epoch 1) at the default lr.
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((2000, 256)) * np.linspace(3, 0.1, 256)  # anisotropic, like CNN features
+    feats[rng.choice(2000, 20, replace=False)] *= 12  # one common scale: loss inf in epoch 2
+    model = ghindex.train(DataSource("features", "x", features=feats.astype(np.float32)), bits=32,
+                          unsupervised=True, epochs=3, device="cpu", progress=False)
+    final = model.config.extra["training"]["final"]
+    assert final["loss"] < 1 and 0.2 < final["bit_ones_min"] <= final["bit_ones_max"] < 0.8
+    # codes from the saved layer, which reads raw features: outliers are coded like the rest
+    codes = np.unpackbits(model.encode(torch.from_numpy(feats.astype(np.float32))), axis=1)
+    assert 0.3 < codes.mean() < 0.7
