@@ -312,12 +312,12 @@ class _TrainingRun:
                 # and every bit splits around the mean feature; the cosine target is taken between centred
                 # features. One length: each centred row is scaled to length sqrt(dim) (a mean square of 1
                 # per coordinate), so the same lr and alpha suit features of any scale, and an outlier row
-                # (up to 8x the median length in 32 px MobileNetV2 features) cannot give an H whose cubic penalty
-                # blows training up (it did: loss inf in epoch 1); it also measured 0.006-0.028 mAP better
-                # than one common scale (RESULTS.md, issue 14). sgn(W x) does not change when x is
-                # multiplied by a positive number, so `save` folds the mean and the average scale s into the
-                # saved layer (W s, -W s mean), which reads raw features like any other and gives the same
-                # codes as training.
+                # (up to 8x the median length in 32 px MobileNetV2 features) cannot give an H whose cubic
+                # penalty blows training up (with one common scale it did: loss inf in epoch 1). It also
+                # measured better than one common scale in 10 of 12 CIFAR-10 cells (-0.005 to +0.029 mAP;
+                # RESULTS.md). sgn(W x) does not change when x is multiplied by a positive number, so `save`
+                # folds the mean and the average scale s into the saved layer (W s, -W s mean), which reads
+                # raw features like any other and gives the same codes as training.
                 centred = cached.double() - cached.double().mean(0)
                 self.feature_mean = cached.double().mean(0).float()
                 self.feature_scale = math.sqrt(cached.shape[1] / max(float(centred.pow(2).sum(1).mean()), 1e-30))
