@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import distributed
 from .backbones import backbone_names, default_weights, probe_backbone
@@ -321,7 +322,7 @@ class _TrainingRun:
                 centred = cached.double() - cached.double().mean(0)
                 self.feature_mean = cached.double().mean(0).float()
                 self.feature_scale = math.sqrt(cached.shape[1] / max(float(centred.pow(2).sum(1).mean()), 1e-30))
-                cached = _rows_of_length(centred, math.sqrt(cached.shape[1])).float()
+                cached = (F.normalize(centred, dim=1) * math.sqrt(cached.shape[1])).float()
                 self.tie_bias = torch.zeros(cached.shape[1], device=device)
                 model.hash_layer.bias.requires_grad_(False)  # no gradient, momentum or decay
                 with torch.no_grad():
@@ -344,7 +345,7 @@ class _TrainingRun:
                 val, kept = _extract_features_sharded(model, self.val_source, device, max(self.batch_size, 64),
                                                       self.workers, self.autocast, False)
                 if self.feature_scale is not None:
-                    val = _rows_of_length(val - self.feature_mean, math.sqrt(val.shape[1]))
+                    val = F.normalize(val - self.feature_mean, dim=1) * math.sqrt(val.shape[1])
                 self.val_cached, self.val_labels = val.to(self.cached.device), self.val_labels[kept]
 
     def held_out_map(self) -> float:
@@ -432,11 +433,6 @@ class _TrainingRun:
             model.save(paths["model"])
             logger.info("wrote %s", paths["model"])
         return model
-
-
-def _rows_of_length(x: torch.Tensor, length: float) -> torch.Tensor:
-    """x with every row scaled to `length` (all-zero rows stay zero)."""
-    return x * (length / x.norm(dim=1, keepdim=True).clamp_min(1e-30))
 
 
 @_with_kept_checkpoint_hint
