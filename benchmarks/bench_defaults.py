@@ -207,13 +207,16 @@ STAGES = {
     + grid(lr=[1e-2], alpha=[1.0], batch_size=[32], epochs=[10], center=[True]),
     # the settings the library ships (`ghindex.train.PRESETS`), run on the test protocol
     "default": [dict(name="ghindex default")],
+    # the defaults' linear ablation: the paper's single hash layer (PCA start, its own tuned lr and alpha)
+    "linear": [dict(name="hash_hidden=0 init=pca lr=0.01 alpha=1", hash_hidden=0, init="pca", lr=0.01, alpha=1.0)],
     "paper": [dict(name="ghindex --preset paper", preset="paper")],
 }
 
 
 def explore(extractor, bits, specs, n_train=10_000):
     """The quick selection runs: 10,000 of the validation split's training items (seeded) as training set
-    and database, its 1,000 validation queries; spec "LR,ALPHA,BATCH,EPOCHS" (prefix "p" on LR: PCA init).
+    and database, its 1,000 validation queries; spec "LR,ALPHA,BATCH,EPOCHS[,HIDDEN]" (prefix "p" on LR:
+    PCA init, which needs HIDDEN 0; HIDDEN: hash_hidden, default the preset's).
     Prints ITQ then one line per spec (mAP@1000, seconds, lowest fraction of +1 in a bit)."""
     feats, labels, is_train = load(extractor)
     q, db = validation_split(labels, is_train)
@@ -221,10 +224,12 @@ def explore(extractor, bits, specs, n_train=10_000):
     qc, dc = itq_codes(feats[sub], [feats[q], feats[sub]], bits)
     print("ITQ", map1000(qc, dc, labels[q], labels[sub]), flush=True)
     for spec in specs:
-        lr, alpha, batch, epochs = spec.split(",")
+        lr, alpha, batch, epochs, *hidden = spec.split(",")
         lr, init = (lr[1:], "pca") if lr.startswith("p") else (lr, "random")
         settings = dict(name=spec, lr=float(lr), alpha=float(alpha), batch_size=int(batch), epochs=int(epochs),
                         val_fraction=0, init=init)
+        if hidden:
+            settings["hash_hidden"] = int(hidden[0])
         try:
             model, sec = greedyhash(feats[sub], bits, settings)
         except Exception as exc:  # a diverged setting is a result too
@@ -283,7 +288,7 @@ def supervised_frozen(extractor, bits, out, candidates=None, seed=0):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["extract", "explore", "select", "test", "supervised"])
-    parser.add_argument("--specs", nargs="+", default=["p1e-2,1,256,20"], help="explore: LR,ALPHA,BATCH,EPOCHS")
+    parser.add_argument("--specs", nargs="+", default=["0.3,0.3,256,20"], help="explore: LR,ALPHA,BATCH,EPOCHS[,HIDDEN]")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--device", default="cpu", help="extract: where the network runs")
     parser.add_argument("--workers", type=int, default=1, help="extract: image decoding processes")

@@ -31,7 +31,7 @@ from ghindex.data import PROTOCOLS
               help="Keep backbone weights fixed (features cached once). [default: frozen for --unsupervised, "
                    "fine-tuned otherwise]")
 @click.option("--preset", type=click.Choice(["default", "paper"]), default="default", show_default=True,
-              help="Where unset --epochs/--lr/--batch-size/--alpha/--center/--backbone-lr-scale come from: "
+              help="Where unset --epochs/--lr/--batch-size/--alpha/--center/--hash-hidden/--balance/--backbone-lr-scale come from: "
                    "default (chosen by measurement, see README) or paper (GreedyHash's published settings).")
 @click.option("--epochs", type=int, default=None, help="Passes over the training set. [default: by --preset]")
 @click.option("--lr", type=float, default=None, help="SGD learning rate of the hash layer. [default: by --preset]")
@@ -44,11 +44,17 @@ from ghindex.data import PROTOCOLS
               help="Weight of the quantization penalty mean(|H - sgn(H)|^3). [default: by --preset]")
 @click.option("--image-size", type=int, default=224, show_default=True, help="Inputs are resized to SIZE x SIZE pixels.")
 @click.option("--center/--no-center", default=None,
-              help="Unsupervised: centre features (mean of the training set) for the cosine target and the "
-                   "projection. [default: by --preset: centred, paper: not]")
+              help="Unsupervised: the hash layers read centred features (mean of the training set) and the "
+                   "cosine target is shifted so the average pair's is 0. [default: by --preset: centred, paper: not]")
 @click.option("--init", type=click.Choice(["pca", "random"]), default=None,
-              help="Unsupervised: start the hash layer from rotated principal directions of the centred features "
-                   "(pca) or PyTorch's random init. [default: by --preset: pca, paper: random]")
+              help="Unsupervised, with --hash-hidden 0: start the hash layer from rotated principal directions of "
+                   "the centred features (pca) or PyTorch's random init. [default: random]")
+@click.option("--balance", type=float, default=None,
+              help="Weight of the bit balance penalty mean over bits of (bit's mean over the batch)^2; 0: none. "
+                   "[default: by --preset: 1 for --unsupervised, else 0; paper: 0]")
+@click.option("--hash-hidden", type=int, default=None, metavar="WIDTH",
+              help="Width of a ReLU layer between the features and the hash layer; 0: none (the paper's single "
+                   "linear layer). [default: by --preset: 1024 for --unsupervised, else 0; paper: 0]")
 @click.option("--backbone-lr-scale", type=float, default=None,
               help="Fine-tuning: backbone layers learn at --lr times this. [default: by --preset for pretrained "
                    "weights, 1 for random ones]")

@@ -1,4 +1,5 @@
-"""`Encoder`: backbone -> linear projection to `bits` -> GreedyHash sign, in one self-describing file.
+"""`Encoder`: backbone -> [ReLU layer] -> linear projection to `bits` -> GreedyHash sign, in one
+self-describing file.
 
 Model file: a safetensors file whose metadata holds ``{"ghindex_config": <JSON EncoderConfig>}``.
 safetensors stores raw tensors only, so loading a model can never execute code from the file.
@@ -22,7 +23,7 @@ from .hashing import check_bits, greedy_sign, pack_signs
 from .images import IMAGENET_MEAN, IMAGENET_STD, image_to_tensor, load_image, normalize
 from .io import atomic_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this module reads and writes (1: linear head; 2: with `hash_hidden`)
 CONFIG_KEY = "ghindex_config"
 
 
@@ -37,6 +38,7 @@ class EncoderConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     num_classes: int = 0  # size of the bias-free classifier on codes (0: none)
+    hash_hidden: int = 0  # width of a ReLU layer between the features and the hash layer (0: none, the paper's)
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # provenance: training run, protocol, seed...
 
@@ -82,7 +84,8 @@ class HashOutput(NamedTuple):
 
 
 class Encoder(nn.Module):
-    """Backbone -> Linear(feature_dim, bits) -> sign. `encode()` returns packed uint8 codes."""
+    """Backbone -> [Linear(feature_dim, hash_hidden) -> ReLU] -> Linear(., bits) -> sign.
+    `encode()` returns packed uint8 codes."""
 
     def __init__(
         self,
@@ -95,6 +98,7 @@ class Encoder(nn.Module):
         std: Sequence[float] = IMAGENET_STD,
         num_classes: int = 0,
         extra: dict[str, Any] | None = None,
+        hash_hidden: int = 0,
     ):
         super().__init__()
         check_bits(bits)
@@ -102,6 +106,8 @@ class Encoder(nn.Module):
             raise ConfigError(f"image_size must be positive, got {image_size}")
         if num_classes < 0:
             raise ConfigError(f"num_classes must be >= 0, got {num_classes}")
+        if isinstance(hash_hidden, bool) or not isinstance(hash_hidden, (int, np.integer)) or hash_hidden < 0:
+            raise ConfigError(f"hash_hidden must be an integer >= 0 (0: no hidden layer), got {hash_hidden!r}")
         self.backbone, feature_dim = build_backbone(backbone, weights, feature_dim)
         self.config = EncoderConfig(
             backbone=backbone,
@@ -111,9 +117,14 @@ class Encoder(nn.Module):
             mean=tuple(float(v) for v in mean),
             std=tuple(float(v) for v in std),
             num_classes=int(num_classes),
+            hash_hidden=int(hash_hidden),
+            # version 1 where a version-1 reader rebuilds the model exactly; a hidden layer makes it refuse
+            # the file ("newer than this ghindex supports") instead of dropping the layer
+            format_version=FORMAT_VERSION if hash_hidden else 1,
             extra=dict(extra or {}),
         )
-        self.hash_layer = nn.Linear(feature_dim, bits)
+        self.hidden_layer = nn.Linear(feature_dim, hash_hidden) if hash_hidden else None
+        self.hash_layer = nn.Linear(hash_hidden or feature_dim, bits)
         self.classifier = nn.Linear(bits, num_classes, bias=False) if num_classes else None
 
     @property
@@ -127,12 +138,18 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> HashOutput:
         """x: preprocessed input (images normalised, or feature vectors for `identity`)."""
         features = self.backbone(x)
-        h = self.hash_layer(features)
+        h = self.head(features)
         return HashOutput(features, h, greedy_sign(h))
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Continuous hash outputs H for backbone features: the hash layer, after the hidden one if any."""
+        if self.hidden_layer is not None:
+            features = torch.relu(self.hidden_layer(features))
+        return self.hash_layer(features)
 
     def hash(self, x: torch.Tensor) -> torch.Tensor:
         """Continuous hash outputs H for a preprocessed batch; codes are H >= 0."""
-        return self.hash_layer(self.backbone(x))
+        return self.head(self.backbone(x))
 
     # -- preprocessing -------------------------------------------------------------------------
     def preprocess(self, item) -> torch.Tensor:
@@ -253,6 +270,7 @@ class Encoder(nn.Module):
                 std=config.std,
                 num_classes=config.num_classes,
                 extra=config.extra,
+                hash_hidden=config.hash_hidden,
             )
         except ConfigError as exc:
             raise ModelFileError(f"{name}: {exc}") from None

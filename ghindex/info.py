@@ -110,6 +110,7 @@ def describe_model(path: str) -> dict[str, Any]:
         "mean": list(config.mean),
         "std": list(config.std),
         "num_classes": config.num_classes,
+        "hash_hidden": config.hash_hidden,
         "format_version": config.format_version,
         "extra": config.extra,
     }

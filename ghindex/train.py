@@ -79,6 +79,7 @@ from .train_inputs import (  # noqa: F401 - MIN_VAL_ITEMS: with MAX_VAL_ITEMS, t
     MIN_VAL_ITEMS,
     _extract_features,
     _extract_features_sharded,
+    _feature_stats,
     _held_out_split,
     _labels_tensor,
     _load_source,
@@ -97,6 +98,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_BACKBONE = "efficientnet_b0"  # ImageNet acc@1 77.7% at 0.39 GFLOPS: see README, "Backbones"
 MAX_VAL_DATABASE = 10_000  # the held-out queries are ranked against at most this many training items
+MAX_TARGET_SHIFT = 0.999  # unsupervised: above this mean cosine between items, features carry no contrast
 
 
 def _unset():
@@ -137,6 +139,8 @@ class _TrainingRun:
     keep_best: bool = False  # keep the model of the best held-out mAP instead of the last
     preset: str = "default"
     init: str = "random"  # unsupervised, centred: "pca" starts the hash layer from rotated principal directions
+    hash_hidden: int = 0  # width of a ReLU layer before the hash layer (0: none)
+    balance: float = 0.0  # weight of the bit balance penalty
 
     # prepare_data
     source: DataSource = _unset()
@@ -161,9 +165,9 @@ class _TrainingRun:
     cached: torch.Tensor | None = _unset()  # frozen: the backbone's features of the training items
     labels_cached: torch.Tensor | None = _unset()  # their labels
     cached_rows: np.ndarray | None = _unset()  # frozen: which training items `cached` holds (those that decoded)
-    tie_bias: torch.Tensor | None = _unset()  # unsupervised, centred: what the bias is tied to (0 on the centred cache)
-    feature_mean: torch.Tensor | None = _unset()  # unsupervised, centred: the cache is (f - mean) * scale
-    feature_scale: float | None = _unset()
+    feature_mean: torch.Tensor | None = _unset()  # unsupervised, centred: the head reads `centred_rows(f)`
+    feature_scale: float | None = _unset()  # ... and `save` folds mean and this scale into its first layer
+    target_shift: float = _unset()  # unsupervised: the feature cosine that the target maps to 0
     dataset: ImageDataset | None = _unset()  # not frozen: the training images
     # held-out slice (prepare_data, prepare_inputs)
     val_source: DataSource | None = _unset()  # held-out training items (None: no held-out evaluation)
@@ -221,6 +225,7 @@ class _TrainingRun:
             "weight_decay": float(self.weight_decay), "batch_size": int(self.batch_size), "alpha": float(self.alpha),
             "image_size": int(self.image_size), "center": bool(self.center) if kind == "unsupervised" else None,
             "init": self.init if kind == "unsupervised" and self.center else "random",
+            "hash_hidden": int(self.hash_hidden), "balance": float(self.balance),
             "augment": bool(self.augment) and not self.frozen,
             "backbone_lr_scale": float(self.backbone_lr_scale) if not self.frozen else None,
             "val_items": len(self.val_source) if self.val_source is not None else 0,
@@ -251,7 +256,7 @@ class _TrainingRun:
         self.model = model = Encoder(
             self.backbone, self.bits, weights=self.weights,
             feature_dim=source.features.shape[1] if source.kind == "features" else None,
-            image_size=self.image_size, num_classes=self.num_classes,
+            image_size=self.image_size, num_classes=self.num_classes, hash_hidden=self.hash_hidden,
             extra={"class_names": list(class_names)} if class_names else None)
         if self.frozen:
             model.backbone.requires_grad_(False)
@@ -299,8 +304,8 @@ class _TrainingRun:
 
     def prepare_inputs(self) -> None:
         """What the epochs read: cached frozen features (once), or a dataset of images; and the objective."""
-        self.objective = Objective(self.kind, alpha=self.alpha)
         model, device = self.model, self.device
+        self.target_shift = 0.0
         # (unsupervised, centred: the saved layer needs the cache's mean and scale even with no epoch left)
         if self.frozen and (self.start_epoch < self.epochs or (self.kind == "unsupervised" and self.center)):
             cached, kept = _extract_features_sharded(model, self.source, device, max(self.batch_size, 64), self.workers,
@@ -308,27 +313,32 @@ class _TrainingRun:
             self.cached_rows = kept
             labels_cached = self.labels[torch.from_numpy(kept)] if self.labels is not None else None
             if self.kind == "unsupervised" and self.center:
-                # Centred projection of rows of one length. Centred: with a free bias, the penalty's easiest
-                # minimum is a constant bit (W_k = 0, bias = +-1), so the bias stays 0 on the centred cache
-                # and every bit splits around the mean feature; the cosine target is taken between centred
-                # features. One length: each centred row is scaled to length sqrt(dim) (a mean square of 1
-                # per coordinate), so the same lr and alpha suit features of any scale, and an outlier row
-                # (up to 8x the median length in 32 px MobileNetV2 features) cannot give an H whose cubic
-                # penalty blows training up (with one common scale it did: loss inf in epoch 1). It also
-                # measured better than one common scale in 10 of 12 CIFAR-10 cells (-0.005 to +0.029 mAP;
-                # RESULTS.md). sgn(W x) does not change when x is multiplied by a positive number, so `save`
-                # folds the mean and the average scale s into the saved layer (W s, -W s mean), which reads
-                # raw features like any other and gives the same codes as training.
-                centred = cached.double() - cached.double().mean(0)
-                self.feature_mean = cached.double().mean(0).float()
-                self.feature_scale = math.sqrt(cached.shape[1] / max(float(centred.pow(2).sum(1).mean()), 1e-30))
-                cached = (F.normalize(centred, dim=1) * math.sqrt(cached.shape[1])).float()
-                self.tie_bias = torch.zeros(cached.shape[1], device=device)
-                model.hash_layer.bias.requires_grad_(False)  # no gradient, momentum or decay
+                # The head reads centred rows of one length; the target is the raw features' cosine, shifted.
+                # Centred: with a free bias, the penalty's easiest minimum is a constant bit (W_k = 0,
+                # bias = +-1), so the biases stay 0 on centred rows and every bit splits around the mean
+                # feature. One length: each centred row is scaled to length sqrt(dim) (a mean square of 1 per
+                # coordinate), so the same lr and alpha suit features of any scale, and an outlier row (up to
+                # 8x the median length in 32 px MobileNetV2 features) cannot give an H whose cubic penalty
+                # blows training up (with one common scale it did: loss inf in epoch 1). The head has no
+                # bias while it trains and ReLU keeps positive factors, so sgn(head(x)) does not change when
+                # x is multiplied by a positive number: `save` folds the mean and the average scale s into
+                # the first layer (W s, -W s mean), and the saved model reads raw features like any other
+                # and gives the codes training saw. The target: raw cosines shifted so that the average
+                # pair's is 0 (`cosine_preservation_loss`); on CIFAR-10 it did at least as well as the centred
+                # features' cosines wherever both ran (+0.000 to +0.022; RESULTS.md, "Unsupervised defaults,
+                # round 2").
+                self.feature_mean, centred_square, self.target_shift = _feature_stats(cached)
+                self.feature_scale = math.sqrt(cached.shape[1] / max(centred_square, 1e-30))
+                if self.target_shift > MAX_TARGET_SHIFT:
+                    raise DataError(f"{self.source.description}: the features all point the same way (mean cosine "
+                                    f"between items {self.target_shift:.4f}): nothing for codes to tell apart")
+                layers = [layer for layer in (model.hidden_layer, model.hash_layer) if layer is not None]
                 with torch.no_grad():
-                    model.hash_layer.bias.zero_()
+                    for layer in layers:
+                        layer.bias.requires_grad_(False)  # no gradient, momentum or decay
+                        layer.bias.zero_()
                     if self.init == "pca" and self.start_epoch == 0:
-                        model.hash_layer.weight.copy_(_pca_init(cached, self.bits, self.seed).to(device))
+                        model.hash_layer.weight.copy_(_pca_init(self.centred_rows(cached), self.bits, self.seed).to(device))
             if device.type == "cuda" and cached.numel() * 4 < 4 << 30:
                 cached = cached.to(device)
                 labels_cached = labels_cached.to(device) if labels_cached is not None else None
@@ -344,9 +354,16 @@ class _TrainingRun:
             if self.frozen:
                 val, kept = _extract_features_sharded(model, self.val_source, device, max(self.batch_size, 64),
                                                       self.workers, self.autocast, False)
-                if self.feature_scale is not None:
-                    val = F.normalize(val - self.feature_mean, dim=1) * math.sqrt(val.shape[1])
                 self.val_cached, self.val_labels = val.to(self.cached.device), self.val_labels[kept]
+        self.objective = Objective(self.kind, alpha=self.alpha, shift=self.target_shift, balance=self.balance)
+
+    def centred_rows(self, features: torch.Tensor) -> torch.Tensor:
+        """What the head reads while it trains on cached features: unsupervised and centred, each row less
+        the mean training feature, scaled to length sqrt(dim); otherwise the features themselves."""
+        if self.feature_mean is None:
+            return features
+        mean = self.feature_mean.to(features.device)
+        return F.normalize(features.float() - mean, dim=1) * math.sqrt(features.shape[1])
 
     def held_out_map(self) -> float:
         """mAP@all of the held-out items' codes ranked against (a fixed sample of) the training items'."""
@@ -354,7 +371,7 @@ class _TrainingRun:
         model.eval()
         with torch.inference_mode():
             if self.frozen:
-                hash_rows = lambda f: np.concatenate([pack_signs(model.hash_layer(f[i:i + 8192]))  # noqa: E731
+                hash_rows = lambda f: np.concatenate([pack_signs(model.head(self.centred_rows(f[i:i + 8192])))  # noqa: E731
                                                       for i in range(0, len(f), 8192)])
                 query = hash_rows(self.val_cached)
                 database = hash_rows(self.cached[torch.from_numpy(self.val_db).to(self.cached.device)])
@@ -415,15 +432,15 @@ class _TrainingRun:
             model.load_state_dict(self.best["model"])
             selection = (f"best held-out mAP {self.best['val_map']:.4f}, epoch {self.best['epoch']} "
                          "(query labels never used)")
-        if self.feature_scale is not None:  # trained on (f - mean) * scale: the saved layer reads raw f
-            layer = model.hash_layer
+        if self.feature_scale is not None:  # trained on centred rows: the saved first layer reads raw f
+            layer = model.hidden_layer if model.hidden_layer is not None else model.hash_layer
             with torch.no_grad():
                 layer.weight.mul_(self.feature_scale)
                 layer.bias.copy_(-layer.weight @ self.feature_mean.to(layer.weight))
         model.config.extra["training"] = {
             **self.signature, **self.weights_info, "epochs": self.epochs, "preset": self.preset,
             "selection": selection, "final": self.history[-1] if self.history else None,
-            "feature_scale": self.feature_scale,
+            "feature_scale": self.feature_scale, "target_shift": self.target_shift,
             "device": str(self.device), "amp": str(self.amp_dtype) if self.use_amp else None,
             "torch": torch.__version__, "python": platform.python_version(), "processes": self.world,
             "splits_file": os.path.basename(paths["splits"]) if paths and self.splits is not None else None,
@@ -460,6 +477,8 @@ def train(
     image_size: int = 224,
     center: bool | None = None,
     init: str | None = None,
+    hash_hidden: int | None = None,
+    balance: float | None = None,
     augment: bool = True,
     backbone_lr_scale: float | None = None,
     val_fraction: float = 0.05,
@@ -485,17 +504,22 @@ def train(
     freeze_backbone: default False for supervised, always True for unsupervised.
     preset: where the settings left as None come from: ``default`` (measured, see PRESETS) or
         ``paper`` (GreedyHash's published settings). Applies to epochs, lr, batch_size, alpha,
-        center and backbone_lr_scale.
+        center, init, hash_hidden, balance and backbone_lr_scale.
     lr: multiplied by 0.1 every `lr_step` epochs (default: once, after 60% of `epochs`, or the preset's
         own step; 0: never).
         SGD with `momentum`, `weight_decay`. backbone_lr_scale: fine-tuned backbone layers learn at
         lr * this (1 when the backbone starts from random weights).
     alpha: weight of the quantization penalty mean(|H - sgn(H)|^3).
-    center: unsupervised only: subtract the mean training feature before taking cosines, and
-        project centred features each scaled to length sqrt(dim) (hash-layer bias tied to
-        -W mean, so bits stay balanced). init: unsupervised and centred: ``pca`` starts the hash layer
+    center: unsupervised only: the head reads centred features, each scaled to length sqrt(dim) (the
+        first layer's bias is tied to -W mean, so bits stay balanced), and the cosine target is shifted
+        so that the average pair of training items has target 0 (off: raw features and raw cosines,
+        as the paper). init: unsupervised, centred, no hidden layer: ``pca`` starts the hash layer
         from the principal directions under a random rotation (as ITQ starts), ``random`` from
         PyTorch's default init.
+    hash_hidden: width of a ReLU layer between the features and the hash layer (0: none, the paper's
+        single linear layer).
+    balance: weight of the bit balance penalty, mean over bits of (the bit's mean over the batch)^2,
+        which keeps bits from going constant (0: none, the paper's).
     augment: random horizontal flips while fine-tuning (never applied to cached frozen features).
     val_fraction: held-out slice of the (labelled) training items, at most 1,000, whose mAP against
         the rest is logged every `val_every` epochs and after the last (0: none; slices under 10
@@ -512,9 +536,16 @@ def train(
     chosen = PRESETS[preset][group]
     pick = lambda value, key: chosen[key] if value is None else value  # noqa: E731
     epochs, lr, batch_size, alpha = pick(epochs, "epochs"), pick(lr, "lr"), pick(batch_size, "batch_size"), pick(alpha, "alpha")
-    center, init = pick(center, "center"), pick(init, "init")
+    center, init, hash_hidden = pick(center, "center"), pick(init, "init"), pick(hash_hidden, "hash_hidden")
     if init not in ("random", "pca"):
         raise ConfigError(f"init must be 'random' or 'pca', got {init!r}")
+    if isinstance(hash_hidden, bool) or not isinstance(hash_hidden, (int, np.integer)) or hash_hidden < 0:
+        raise ConfigError(f"hash_hidden must be an integer >= 0 (0: no hidden layer), got {hash_hidden!r}")
+    balance = pick(balance, "balance")
+    if not (balance >= 0 and math.isfinite(balance)):
+        raise ConfigError(f"balance must be >= 0, got {balance!r}")
+    if init == "pca" and hash_hidden and unsupervised:
+        raise ConfigError("init 'pca' starts a hash layer that reads the features: it needs hash_hidden=0")
     _check_args(bits, epochs, lr, lr_step, momentum, weight_decay, batch_size, alpha, image_size, workers,
                 backbone_lr_scale, val_fraction, val_every, preset)
     _check_outputs(out, resume, overwrite)
@@ -529,7 +560,8 @@ def train(
         workers=int(workers if workers is not None else min(4, os.cpu_count() or 1)),
         paths=output_paths(out) if out is not None else None,
         backbone_lr_scale=backbone_lr_scale, val_fraction=float(val_fraction), val_every=int(val_every),
-        keep_best=bool(keep_best), preset=preset, init=init,
+        keep_best=bool(keep_best), preset=preset, init=init, hash_hidden=int(hash_hidden),
+        balance=float(balance),
     )
     run.prepare_data(data, root)
     checkpoint = run.read_checkpoint() if resume else None

@@ -129,17 +129,14 @@ def epoch_line(row: dict[str, Any]) -> str:
 
 def _cached_steps(run: _TrainingRun, epoch: int, order: torch.Tensor, stats: EpochStats, bar) -> int:
     """The epoch's steps on cached features (hash layer and classifier only); returns 0 (nothing skipped)."""
-    cached, labels_cached, tie_bias, hash_layer = run.cached, run.labels_cached, run.tie_bias, run.model.hash_layer
+    cached, labels_cached, head = run.cached, run.labels_cached, run.model.head
     for start in range(0, len(order), run.process_batch):
         idx = order[start:start + run.process_batch].to(cached.device)
         if run.kind == "unsupervised" and len(idx) < 2:
             continue  # a lone leftover item has no pair
         f = cached[idx]
         y = labels_cached[idx] if labels_cached is not None else None
-        if tie_bias is None:
-            h = run.forward(hash_layer, f)
-        else:  # centred projection W (f - mean); the bias is folded in after the step
-            h = run.forward(lambda v: torch.nn.functional.linear(v - tie_bias, hash_layer.weight), f)
+        h = run.forward(head, run.centred_rows(f))
         _step(run, epoch, stats, h, f, y)
         bar.update(len(idx))
     return 0
@@ -199,8 +196,5 @@ def _step(run: _TrainingRun, epoch: int, stats: EpochStats, h_raw, features, y, 
     else:
         terms.total.backward()
         run.optimizer.step()
-    if run.tie_bias is not None:
-        with torch.no_grad():
-            run.model.hash_layer.bias.copy_(-run.model.hash_layer.weight @ run.tie_bias)
     if loss_weight:
         stats.add(terms, h)

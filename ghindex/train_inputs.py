@@ -1,7 +1,7 @@
 """The training items and what the epochs read of them: the data source (or a protocol's training
 split), its labels as a tensor, the held-out slice, and the frozen backbone's features over the items
-(`_extract_features`, in several processes `_extract_features_sharded`), and the hash layer's PCA start
-from those features (`_pca_init`)."""
+(`_extract_features`, in several processes `_extract_features_sharded`), their statistics for the
+unsupervised objective (`_feature_stats`), and the hash layer's PCA start from them (`_pca_init`)."""
 from __future__ import annotations
 
 import logging
@@ -124,6 +124,25 @@ def _extract_features_sharded(model: Encoder, source: DataSource, *args) -> tupl
     feats, kept = _extract_features(model, source.subset(np.arange(start, stop)), *args)
     return (distributed.all_gather_rows(feats),
             distributed.all_gather_rows(torch.from_numpy(kept + start)).numpy())
+
+
+def _feature_stats(x: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, float, float]:
+    """(mean row, mean squared length of the centred rows, mean cosine over all pairs of distinct rows)
+    of features x (N >= 2, D), in float64, a chunk of rows at a time (no N x N matrix, no copy of x).
+    The mean pairwise cosine is (|sum of unit rows|^2 - N') / (N (N - 1)), N' the rows of nonzero length
+    (a row of length 0 has cosine 0 with every other)."""
+    n = len(x)
+    chunks = [x[start:start + chunk] for start in range(0, n, chunk)]
+    mean = sum(part.double().sum(0) for part in chunks) / n
+    unit_total, centred_square, nonzero = torch.zeros_like(mean), 0.0, 0
+    for part in chunks:
+        part = part.double()
+        centred_square += float((part - mean).pow(2).sum())
+        norms = part.norm(dim=1, keepdim=True)
+        unit_total += (part / norms.clamp_min(1e-300)).sum(0)
+        nonzero += int((norms > 0).sum())
+    cosine = (float(unit_total @ unit_total) - nonzero) / (n * (n - 1))
+    return mean.float().cpu(), centred_square / n, cosine
 
 
 def _pca_init(x: torch.Tensor, bits: int, seed: int) -> torch.Tensor:

@@ -276,7 +276,7 @@ def test_unsupervised_defaults_do_not_depend_on_the_feature_scale():
     big = ghindex.train(DataSource("features", "x", features=feats * 1000), **run)
     a, b = small.encode(torch.from_numpy(feats)), big.encode(torch.from_numpy(feats * 1000))
     assert np.unpackbits(a ^ b).mean() < 0.02  # the same codes up to float rounding
-    assert small.config.extra["training"]["init"] == "pca"
+    assert small.config.extra["training"]["hash_hidden"] == train_module.PRESETS["default"]["unsupervised"]["hash_hidden"]
     assert big.config.extra["training"]["feature_scale"] == pytest.approx(
         small.config.extra["training"]["feature_scale"] / 1000, rel=1e-6)
 

@@ -1,3 +1,4 @@
+import json
 import os
 import pickle
 
@@ -163,3 +164,17 @@ def test_smallcnn_has_no_imagenet_weights_but_reloads_local(tmp_path):
     again, _ = build_backbone("smallcnn", str(tmp_path / "s.pt"))
     x = torch.randn(2, 3, 32, 32)
     assert dim == 256 and torch.equal(model.eval()(x), again.eval()(x))
+
+
+def test_config_of_a_model_file_from_before_hash_hidden_reads_as_no_hidden_layer():
+    from ghindex.encoder import EncoderConfig
+
+    old = json.loads(EncoderConfig(backbone="identity", bits=8, feature_dim=4).to_json())
+    del old["hash_hidden"]
+    config = EncoderConfig.from_json(json.dumps(old))
+    assert config.hash_hidden == 0
+    model = ghindex.Encoder("identity", 8, feature_dim=4)
+    assert model.hidden_layer is None and set(model.state_dict()) == {"hash_layer.weight", "hash_layer.bias"}
+    # a linear head stays format 1 (older ghindex reads it); a hidden layer is format 2 (older ones refuse it)
+    assert model.config.format_version == 1
+    assert ghindex.Encoder("identity", 8, feature_dim=4, hash_hidden=5).config.format_version == 2

@@ -19,6 +19,7 @@ from ghindex.errors import ConfigError, DataError, ModelFileError
 from ghindex.hashing import greedy_sign, hamming_distances, unpack_signs
 from ghindex.losses import (
     Objective,
+    bit_balance_penalty,
     classification_loss,
     cosine_preservation_loss,
     multilabel_loss,
@@ -124,14 +125,15 @@ def test_cosine_preservation_matches_pairwise_definition():
     torch.manual_seed(1)
     f, h = torch.randn(7, 5).abs(), torch.randn(7, 16)
     b = greedy_sign(h)
-    center = f.mean(0)
-    for c in (None, center):
-        ff = f - c if c is not None else f
+    for shift in (0.0, 0.3, -0.2):
         expected = np.mean([
-            (torch.cosine_similarity(ff[i], ff[j], dim=0) - torch.cosine_similarity(b[i], b[j], dim=0)).item() ** 2
+            ((torch.cosine_similarity(f[i], f[j], dim=0).item() - shift) / (1 - shift)
+             - torch.cosine_similarity(b[i], b[j], dim=0).item()) ** 2
             for i in range(7) for j in range(i + 1, 7)
         ])
-        assert cosine_preservation_loss(f, b, c).item() == pytest.approx(expected, rel=1e-5)
+        assert cosine_preservation_loss(f, b, shift).item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ConfigError, match="below 1"):
+        cosine_preservation_loss(f, b, 1.0)
     # features are a target: no gradient flows into them
     f.requires_grad_(True)
     h.requires_grad_(True)
@@ -139,6 +141,21 @@ def test_cosine_preservation_matches_pairwise_definition():
     assert f.grad is None and h.grad.abs().sum() > 0
     with pytest.raises(ConfigError):
         cosine_preservation_loss(f[:1], b[:1])
+
+
+def test_bit_balance_penalty_is_zero_for_balanced_bits_and_one_for_constant_ones():
+    balanced = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]])
+    assert bit_balance_penalty(balanced).item() == 0
+    assert bit_balance_penalty(-torch.ones(5, 3)).item() == 1
+    one_constant = torch.tensor([[1.0, -1.0], [1.0, 1.0]])  # bit 0 constant, bit 1 balanced
+    assert bit_balance_penalty(one_constant).item() == pytest.approx(0.5)
+    h = torch.randn(6, 4, requires_grad=True)
+    terms = Objective("unsupervised", alpha=0.0, balance=2.0)(h, greedy_sign(h), features=torch.randn(6, 5))
+    plain = Objective("unsupervised", alpha=0.0)(h, greedy_sign(h), features=torch.randn(6, 5).abs())
+    assert terms.total.item() == pytest.approx(terms.main.item() + 2.0 * bit_balance_penalty(greedy_sign(h)).item())
+    assert plain.total.item() == pytest.approx(plain.main.item())
+    with pytest.raises(ConfigError, match="balance must be"):
+        Objective("unsupervised", balance=-1.0)
 
 
 def test_objective_rejects_bad_arguments():
@@ -179,9 +196,15 @@ def test_unsupervised_training_reduces_loss_and_keeps_neighbours():
                           batch_size=16, device="cpu", progress=False)
     info = model.config.extra["training"]
     assert info["objective"] == "unsupervised" and info["center"] is True
-    # centred projection: the bias is tied to -W mean, so the mean feature sits on every bit's boundary
+    # centred projection: the first layer's bias is tied to -W mean, so the mean feature sits on every
+    # bit's boundary (its hidden layer's output is 0)
     mean = torch.from_numpy(feats.astype(np.float64).mean(0).astype(np.float32))[None]
-    assert model.hash(mean).abs().max() < 1e-4
+    assert model.hidden_layer is not None and model.hash(mean).abs().max() < 1e-4
+    # the target's shift is the mean cosine between distinct training items
+    unit = feats.astype(np.float64) / np.linalg.norm(feats.astype(np.float64), axis=1, keepdims=True)
+    cosines = unit @ unit.T
+    n = len(feats)
+    assert info["target_shift"] == pytest.approx((cosines.sum() - np.trace(cosines)) / (n * (n - 1)), rel=1e-9)
     codes = model.encode(torch.from_numpy(feats))
     d = hamming_distances(codes, codes)
     np.fill_diagonal(d, 999)
@@ -190,10 +213,63 @@ def test_unsupervised_training_reduces_loss_and_keeps_neighbours():
     torch.manual_seed(0)
     untrained = Encoder("identity", 16, feature_dim=16)
     f = torch.from_numpy(feats)
-    c = f.mean(0)
-    before = cosine_preservation_loss(f, torch.from_numpy(unpack_signs(untrained.encode(f))), c)
-    after = cosine_preservation_loss(f, torch.from_numpy(unpack_signs(codes)), c)
+    shift = info["target_shift"]
+    before = cosine_preservation_loss(f, torch.from_numpy(unpack_signs(untrained.encode(f))), shift)
+    after = cosine_preservation_loss(f, torch.from_numpy(unpack_signs(codes)), shift)
     assert after < 0.7 * before
+
+
+def test_hash_hidden_layer_reads_raw_features_after_training_on_centred_rows(tmp_path):
+    feats, _ = blobs(n_per_class=30, dim=16, classes=3, seed=3)
+    feats = np.abs(feats)
+    out = tmp_path / "m.ghm"
+    model = ghindex.train(feature_source(feats), bits=16, unsupervised=True, epochs=2, hash_hidden=24, out=out,
+                          device="cpu", progress=False)
+    info = model.config.extra["training"]
+    assert model.config.hash_hidden == 24 and info["hash_hidden"] == 24
+    # training read each row less the mean, scaled to length sqrt(dim), through bias-free layers; the
+    # saved first layer folds in the mean and the average scale s: (W s) x - (W s) mean
+    w1 = model.hidden_layer.weight.detach().double() / info["feature_scale"]
+    w2 = model.hash_layer.weight.detach().double()
+    assert model.hash_layer.bias.abs().max() == 0
+    x = torch.from_numpy(feats).double()
+    rows = torch.nn.functional.normalize(x - x.mean(0), dim=1) * 4.0
+    trained = (torch.relu(rows @ w1.T) @ w2.T >= 0).numpy()
+    saved = unpack_signs(model.encode(torch.from_numpy(feats))) > 0
+    assert (trained == saved).mean() > 0.99  # the same codes up to float rounding
+    loaded = Encoder.load(out)
+    assert loaded.config.hash_hidden == 24
+    assert np.array_equal(loaded.encode(torch.from_numpy(feats)), model.encode(torch.from_numpy(feats)))
+
+
+def test_hash_hidden_zero_is_the_papers_linear_layer(tmp_path, runner):
+    feats, _ = blobs(n_per_class=20, dim=8, classes=2, seed=2)
+    path = tmp_path / "f.npz"
+    np.savez(path, features=np.abs(feats))
+    out = tmp_path / "m.ghm"
+    result = runner.invoke(cli, ["train", str(path), "--unsupervised", "--bits", "8", "--epochs", "1",
+                                 "--hash-hidden", "0", "--init", "pca", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    model = Encoder.load(out)
+    assert model.hidden_layer is None and model.config.hash_hidden == 0
+    assert model.config.extra["training"]["init"] == "pca"
+    # the PCA start needs the linear layer: with the default hidden layer it is one clear line
+    result = runner.invoke(cli, ["train", str(path), "--unsupervised", "--bits", "8", "--epochs", "1",
+                                 "--init", "pca", "--out", str(tmp_path / "n.ghm"), "--no-progress"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: init 'pca' starts a hash layer that reads the features: it needs hash_hidden=0")
+    with pytest.raises(ConfigError, match="hash_hidden must be"):
+        ghindex.train(feature_source(feats), bits=8, unsupervised=True, epochs=1, hash_hidden=-1, progress=False)
+    with pytest.raises(ConfigError, match="hash_hidden must be"):
+        Encoder("identity", 8, feature_dim=8, hash_hidden=True)
+
+
+def test_unsupervised_features_pointing_one_way_are_one_clear_error():
+    feats = np.tile(np.array([[1.0, 2.0, 3.0]], dtype=np.float32), (20, 1))
+    feats[:, 0] += np.linspace(0, 1e-4, 20, dtype=np.float32)  # all but identical directions
+    with pytest.raises(DataError, match="point the same way"):
+        ghindex.train(feature_source(feats), bits=8, unsupervised=True, epochs=1, device="cpu", progress=False)
 
 
 def test_multilabel_training_from_array_file(tmp_path, runner):
