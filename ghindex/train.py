@@ -98,7 +98,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_BACKBONE = "efficientnet_b0"  # ImageNet acc@1 77.7% at 0.39 GFLOPS: see README, "Backbones"
 MAX_VAL_DATABASE = 10_000  # the held-out queries are ranked against at most this many training items
-MAX_TARGET_SHIFT = 0.999  # unsupervised: above this mean cosine between items, features carry no contrast
+MAX_TARGET_SHIFT = 1 - 1e-5  # unsupervised: above this mean cosine, float32 cosines cannot tell items apart
 
 
 def _unset():
@@ -331,7 +331,7 @@ class _TrainingRun:
                 self.feature_scale = math.sqrt(cached.shape[1] / max(centred_square, 1e-30))
                 if self.target_shift > MAX_TARGET_SHIFT:
                     raise DataError(f"{self.source.description}: the features all point the same way (mean cosine "
-                                    f"between items {self.target_shift:.4f}): nothing for codes to tell apart")
+                                    f"between items {self.target_shift:.7f}): nothing for codes to tell apart")
                 layers = [layer for layer in (model.hidden_layer, model.hash_layer) if layer is not None]
                 with torch.no_grad():
                     for layer in layers:

@@ -265,6 +265,16 @@ def test_hash_hidden_zero_is_the_papers_linear_layer(tmp_path, runner):
         Encoder("identity", 8, feature_dim=8, hash_hidden=True)
 
 
+def test_unsupervised_held_out_map_reads_rows_as_training_does():
+    # the held-out slice goes through the same centring and row scaling as the training rows: on
+    # well-separated blobs far from the origin its codes find their class (read raw, all would be alike)
+    feats, labels = blobs(n_per_class=100, dim=16, classes=3, seed=8)
+    model = ghindex.train(feature_source(np.abs(feats) + 50, labels), bits=16, unsupervised=True, epochs=4,
+                          val_fraction=0.1, val_every=2, device="cpu", progress=False)
+    final = model.config.extra["training"]["final"]
+    assert final["epoch"] == 4 and final["val_map"] > 0.9
+
+
 def test_unsupervised_features_pointing_one_way_are_one_clear_error():
     feats = np.tile(np.array([[1.0, 2.0, 3.0]], dtype=np.float32), (20, 1))
     feats[:, 0] += np.linspace(0, 1e-4, 20, dtype=np.float32)  # all but identical directions
