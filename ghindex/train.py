@@ -338,10 +338,13 @@ class _TrainingRun:
                         layer.bias.requires_grad_(False)  # no gradient, momentum or decay
                         layer.bias.zero_()
                     if self.init == "pca" and self.start_epoch == 0:
-                        model.hash_layer.weight.copy_(_pca_init(self.centred_rows(cached), self.bits, self.seed).to(device))
+                        rows = self.centred_rows(cached)
+                        model.hash_layer.weight.copy_(_pca_init(rows, self.bits, self.seed).to(device))
             if device.type == "cuda" and cached.numel() * 4 < 4 << 30:
                 cached = cached.to(device)
                 labels_cached = labels_cached.to(device) if labels_cached is not None else None
+            if self.feature_mean is not None:  # where `centred_rows` meets the cache, once, not per batch
+                self.feature_mean = self.feature_mean.to(cached.device)
             self.cached, self.labels_cached = cached, labels_cached
         elif not self.frozen:
             c = model.config
@@ -362,8 +365,7 @@ class _TrainingRun:
         the mean training feature, scaled to length sqrt(dim); otherwise the features themselves."""
         if self.feature_mean is None:
             return features
-        mean = self.feature_mean.to(features.device)
-        return F.normalize(features.float() - mean, dim=1) * math.sqrt(features.shape[1])
+        return F.normalize(features.float() - self.feature_mean, dim=1) * math.sqrt(features.shape[1])
 
     def held_out_map(self) -> float:
         """mAP@all of the held-out items' codes ranked against (a fixed sample of) the training items'."""

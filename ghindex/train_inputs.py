@@ -128,7 +128,7 @@ def _extract_features_sharded(model: Encoder, source: DataSource, *args) -> tupl
 
 def _feature_stats(x: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, float, float]:
     """(mean row, mean squared length of the centred rows, mean cosine over all pairs of distinct rows)
-    of features x (N >= 2, D), in float64, a chunk of rows at a time (no N x N matrix, no copy of x).
+    of features x (N >= 2, D), in float64, a chunk of rows at a time (no N x N matrix, no float64 copy of x).
     The mean pairwise cosine is (|sum of unit rows|^2 - N') / (N (N - 1)), N' the rows of nonzero length
     (a row of length 0 has cosine 0 with every other)."""
     n = len(x)
