@@ -77,6 +77,12 @@ def _sniff(path: str) -> str | None:
     return None
 
 
+def check_hash_hidden(hash_hidden) -> None:
+    """ConfigError unless `hash_hidden` is a usable hidden-layer width (an integer >= 0; 0: none)."""
+    if isinstance(hash_hidden, bool) or not isinstance(hash_hidden, (int, np.integer)) or hash_hidden < 0:
+        raise ConfigError(f"hash_hidden must be an integer >= 0 (0: no hidden layer), got {hash_hidden!r}")
+
+
 class HashOutput(NamedTuple):
     features: torch.Tensor  # backbone output (N, feature_dim)
     h: torch.Tensor  # continuous hash-layer output (N, bits)
@@ -106,8 +112,7 @@ class Encoder(nn.Module):
             raise ConfigError(f"image_size must be positive, got {image_size}")
         if num_classes < 0:
             raise ConfigError(f"num_classes must be >= 0, got {num_classes}")
-        if isinstance(hash_hidden, bool) or not isinstance(hash_hidden, (int, np.integer)) or hash_hidden < 0:
-            raise ConfigError(f"hash_hidden must be an integer >= 0 (0: no hidden layer), got {hash_hidden!r}")
+        check_hash_hidden(hash_hidden)
         self.backbone, feature_dim = build_backbone(backbone, weights, feature_dim)
         self.config = EncoderConfig(
             backbone=backbone,

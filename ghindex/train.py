@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from . import distributed
 from .backbones import backbone_names, default_weights, probe_backbone
 from .data import DataSource, ImageDataset
-from .encoder import Encoder
+from .encoder import Encoder, check_hash_hidden
 from .errors import ConfigError, DataError
 from .hashing import pack_signs
 from .io import file_fingerprint
@@ -541,15 +541,12 @@ def train(
     center, init, hash_hidden = pick(center, "center"), pick(init, "init"), pick(hash_hidden, "hash_hidden")
     if init not in ("random", "pca"):
         raise ConfigError(f"init must be 'random' or 'pca', got {init!r}")
-    if isinstance(hash_hidden, bool) or not isinstance(hash_hidden, (int, np.integer)) or hash_hidden < 0:
-        raise ConfigError(f"hash_hidden must be an integer >= 0 (0: no hidden layer), got {hash_hidden!r}")
+    check_hash_hidden(hash_hidden)
     balance = pick(balance, "balance")
-    if not (balance >= 0 and math.isfinite(balance)):
-        raise ConfigError(f"balance must be >= 0, got {balance!r}")
     if init == "pca" and hash_hidden and unsupervised:
         raise ConfigError("init 'pca' starts a hash layer that reads the features: it needs hash_hidden=0")
     _check_args(bits, epochs, lr, lr_step, momentum, weight_decay, batch_size, alpha, image_size, workers,
-                backbone_lr_scale, val_fraction, val_every, preset)
+                backbone_lr_scale, val_fraction, val_every, preset, balance)
     _check_outputs(out, resume, overwrite)
     kind = _objective_kind(unsupervised, multi_label, freeze_backbone, batch_size)
     torch_device, world, progress = _setup_processes(device, kind, batch_size, progress)

@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def _check_args(bits, epochs, lr, lr_step, momentum, weight_decay, batch_size, alpha, image_size, workers,
-                backbone_lr_scale=1.0, val_fraction=0.0, val_every=1, preset="default"):
+                backbone_lr_scale=1.0, val_fraction=0.0, val_every=1, preset="default", balance=0.0):
     check_bits(bits)
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
@@ -66,6 +66,8 @@ def _check_args(bits, epochs, lr, lr_step, momentum, weight_decay, batch_size, a
         raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if not (alpha >= 0 and math.isfinite(alpha)):
         raise ConfigError(f"alpha must be >= 0, got {alpha!r}")
+    if not (balance >= 0 and math.isfinite(balance)):
+        raise ConfigError(f"balance must be >= 0, got {balance!r}")
     if workers is not None and workers < 0:
         raise ConfigError(f"workers must be >= 0, got {workers!r}")
 
