@@ -39,6 +39,7 @@ class EncoderConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     num_classes: int = 0  # size of the bias-free classifier on codes (0: none)
     hash_hidden: int = 0  # width of a ReLU layer between the features and the hash layer (0: none, the paper's)
+    copy_radius: int | None = None  # Hamming radius within which codes are copies (`ghindex dedup --radius auto`); None: not measured
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # provenance: training run, protocol, seed...
 
@@ -279,6 +280,7 @@ class Encoder(nn.Module):
             )
         except ConfigError as exc:
             raise ModelFileError(f"{name}: {exc}") from None
+        model.config.copy_radius = config.copy_radius  # measured after training, not a constructor argument
         try:
             state = load_file(name, device="cpu")
             model.load_state_dict(state, strict=True)

@@ -197,6 +197,8 @@ def encode_local(model, data, out, *, protocol, split, seed, root, batch_size, w
         }
         if class_names:
             store_attrs["class_names"] = list(class_names)
+        if config.copy_radius is not None:  # the model's copy radius: `ghindex dedup --radius auto` reads it here
+            store_attrs["copy_radius"] = int(config.copy_radius)
         if protocol is not None:
             store_attrs.update(protocol=protocol, split=split, seed=seed)
         run = _Run(source, ids, config.bits, label_shape, with_paths, header, store_attrs)
