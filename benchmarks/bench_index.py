@@ -235,7 +235,7 @@ def recall_of(index, queries, kth, k=K):
 
 
 def part_lifecycle(n, n_queries, workdir, key, lines):
-    from ghindex.index import add, remove
+    from ghindex.lifecycle import add, remove
 
     rng = np.random.default_rng(0)
     parts = mixture(rng)
@@ -286,7 +286,7 @@ def part_lifecycle(n, n_queries, workdir, key, lines):
 
 
 def part_tune(n, n_queries, workdir, key, targets, tune_queries, lines):
-    from ghindex.index.builder import _live_chunks
+    from ghindex.index.sampling import live_chunks
     from ghindex.index.tuning import tune_from_database
 
     rng = np.random.default_rng(0)
@@ -310,7 +310,7 @@ def part_tune(n, n_queries, workdir, key, targets, tune_queries, lines):
         "|---|---|---|---|---|---|---|",
     ]
     with CodeStore.open(work / "codes.h5") as store:
-        chunks = _live_chunks(store, work / "codes.h5", 2**20)
+        chunks = live_chunks(store, work / "codes.h5", 2**20)
         for target in targets:
             tuning = meta["tuning"] if target == targets[0] else tune_from_database(
                 index, chunks, len(store), target, K, tune_queries)

@@ -1,4 +1,4 @@
-"""`ghindex add`: a thin wrapper over `ghindex.index.lifecycle.add`."""
+"""`ghindex add`: a thin wrapper over `ghindex.lifecycle.add`."""
 from __future__ import annotations
 
 import json
@@ -51,7 +51,7 @@ def add(index, data, model, codes, root, ids_from, keep_ids, discard_pending, fm
     more than 1.25 times. The encoding options are `ghindex encode`'s; where their help says --resume,
     an add is simply rerun.
     """
-    from ghindex.index.lifecycle import add as add_fn
+    from ghindex.lifecycle import add as add_fn
 
     summary = add_fn(index, data, model=model, codes=codes, root=root, ids_from=ids_from, keep_ids=keep_ids,
                      discard_pending=discard_pending, **encode_options)

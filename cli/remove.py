@@ -1,4 +1,4 @@
-"""`ghindex remove`: a thin wrapper over `ghindex.index.lifecycle.remove`."""
+"""`ghindex remove`: a thin wrapper over `ghindex.lifecycle.remove`."""
 from __future__ import annotations
 
 import json
@@ -24,7 +24,7 @@ def remove(index, ids, ids_file, fmt):
     HNSW and hash indexes (FAISS cannot remove from them) are rebuilt from the store. Crash-safe: after a
     kill the old or the new index is there, and rerunning the command completes the removal.
     """
-    from ghindex.index.lifecycle import remove as remove_fn
+    from ghindex.lifecycle import remove as remove_fn
 
     summary = remove_fn(index, ids=list(ids) or None, ids_file=ids_file)
     if fmt == "json":

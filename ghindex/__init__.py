@@ -1,6 +1,22 @@
-"""ghindex: image retrieval with learned binary codes (GreedyHash), HDF5 code stores and FAISS."""
-from importlib.metadata import PackageNotFoundError, version as _version
+"""ghindex: image retrieval with learned binary codes (GreedyHash), HDF5 code stores and FAISS.
 
+Layers. A module imports only from its own layer and the layers below it, at module level and inside
+functions alike, and no two modules import each other, even indirectly (tests/test_layers.py reads
+this table and checks every import). An import inside a function only defers a heavy dependency
+(faiss, h5py, torch), never breaks a cycle; a helper that two layers need lives in the lower one.
+
+  8 package     ghindex (this file: the public names)
+  7 serve       serve, serve.*
+  6 tasks       evaluate, query, info, lifecycle, dedup, demo
+  5 train       train, train_*
+  4 encode      encode, encode_state, local_encode, sharded_encode, runtime
+  3 models      backbones, encoder, data, losses, batching, augment, views
+  2 storage     store, store_format, store_write, index, index.*
+  1 kernels     flatscan, flatscan_kernels, metric_kernels, metrics, dedup_kernels
+  0 base        errors, version, io, popcount, hashing, ids, device, distributed, images, journal
+
+`lifecycle` (add, remove) encodes new images, so it sits above `encode`, not inside `index`.
+"""
 from .encoder import Encoder, EncoderConfig
 from .errors import (
     ConfigError,
@@ -15,11 +31,7 @@ from .errors import (
 )
 from .hashing import greedy_sign, pack_bits, pack_signs, quantization_penalty, unpack_bits, unpack_signs
 from .train import train
-
-try:
-    __version__ = _version("ghindex")
-except PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0+unknown"
+from .version import __version__
 
 __all__ = [
     "ConfigError", "DataError", "Encoder", "EncoderConfig", "GhindexError", "ImageError",

@@ -12,6 +12,9 @@ import os
 import numpy as np
 import torch
 
+from .data import ImageDataset
+from .images import normalize
+
 
 def resized_uint8(img, image_size: int) -> torch.Tensor:
     """RGB PIL image -> (S, S, 3) uint8 tensor (pixel order as decoded), resized exactly as
@@ -30,8 +33,6 @@ def resized_uint8(img, image_size: int) -> torch.Tensor:
 
 def normalize_batch(x: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (N, 3, S, S) -> normalised float32, the same operations as `images.image_to_tensor`."""
-    from .images import normalize
-
     return normalize(x.float().div_(255.0), mean, std)
 
 
@@ -61,8 +62,6 @@ def batches(src, start: int, batch_size: int, workers: int | None, image_size: i
             e = min(s + batch_size, n)
             yield np.arange(s, e), torch.from_numpy(np.ascontiguousarray(src.features[s:e])), [""] * (e - s)
         return
-    from .data import ImageDataset
-
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     transform = functools.partial(resized_uint8, image_size=image_size)

@@ -16,8 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import read_image_folder
+from .encode import encode
 from .errors import DataError, OutputError
+from .evaluate import evaluate
+from .index import build
 from .io import writing
+from .metrics import mean_average_precision
+from .query import query
+from .store import CodeStore
+from .train import output_paths, train
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +36,6 @@ def _grid_query_list(data: Path, out: Path) -> Path:
     """A list file with the first query image of each class and its label (class order as in the
     database folder), so the grid can frame neighbours as relevant or not. Paths are relative to
     DATA/query (encode it with that root: the store's paths then stay relative, and the folder portable)."""
-    from .data import read_image_folder
-
     source = read_image_folder(data / "query")
     seen, lines = set(), []
     for path, label in zip(source.paths, source.labels):
@@ -61,14 +67,6 @@ def demo(out: str | os.PathLike = "demo-out", data: str | os.PathLike = DEFAULT_
 
 
 def _demo(out, data, bits, backbone, epochs, lr, batch_size, image_size, seed, device, workers, progress) -> dict:
-    from .encode import encode
-    from .evaluate import evaluate
-    from .index import build
-    from .metrics import mean_average_precision
-    from .query import query
-    from .store import CodeStore
-    from .train import output_paths, train
-
     data, out = Path(data), Path(out)
     for split in ("database", "query"):
         if not (data / split).is_dir():

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -16,8 +15,10 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, DataError, StoreError
+from .data import load_data, load_split
 from .journal import Journal
 from .store import CodeStore
+from .store_format import parse_history
 
 SUMMARY_SKIPPED_LIMIT = 1000  # skipped inputs listed in the summary (the store records all of them)
 
@@ -41,8 +42,6 @@ def source_fingerprint(source) -> str:
 
 def load_source(data, protocol=None, split=None, seed=0, root=None, ids_from=None):
     """The data source `encode` reads: `load_split` for a protocol, else `load_data`."""
-    from .data import load_data, load_split
-
     if protocol is not None:
         if split is None:
             raise ConfigError("a protocol needs a split (train, query or database)")
@@ -157,12 +156,7 @@ def _resume_state(journal: Journal, saved: dict, run: _Run, out: str) -> dict:
 
 
 def _history(store: CodeStore) -> list:
-    raw = store.attrs.get("history")
-    try:
-        value = json.loads(raw) if raw else []
-    except (TypeError, ValueError):
-        return []
-    return value if isinstance(value, list) else []
+    return parse_history(store.attrs.get("history"))
 
 
 def _finished_summary(out, t0, dev, precision, source) -> dict:

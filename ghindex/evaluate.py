@@ -29,7 +29,10 @@ import numpy as np
 
 from . import metrics
 from .errors import ConfigError, DataError, IndexFileError, SearchError, StoreError
+from .ids import StoreLookup
 from .io import atomic_path
+from .store import CodeStore
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -37,27 +40,7 @@ log = logging.getLogger(__name__)
 SEARCH_CHUNK = 1024
 
 
-class StoreLookup:
-    """Map the ids a search returns to rows of the code store (database positions)."""
-
-    def __init__(self, store_ids: np.ndarray):
-        store_ids = np.asarray(store_ids, np.int64)
-        self.order = np.argsort(store_ids, kind="stable")
-        self.sorted_ids = store_ids[self.order]
-
-    def rows(self, ids) -> np.ndarray:
-        """Rows of `ids` (any shape); -1 where an id is -1 or not in the store."""
-        ids = np.asarray(ids, np.int64)
-        if not len(self.sorted_ids):
-            return np.full(ids.shape, -1, np.int64)
-        pos = np.clip(np.searchsorted(self.sorted_ids, ids), 0, len(self.sorted_ids) - 1)
-        found = (self.sorted_ids[pos] == ids) & (ids >= 0)
-        return np.where(found, self.order[pos], -1)
-
-
 def _open_store(path, what: str):
-    from .store import CodeStore
-
     if path is None:
         raise ConfigError(f"no {what} code store given")
     return CodeStore.open(path)
@@ -108,8 +91,6 @@ def evaluate(queries, database=None, index=None, topk="all", radius: int = 2, re
     engine: who scans a flat index on the CPU when the index is searched ('ghindex' or 'faiss', as
     `Index.load`): for recall=K. Exact metrics never search the index.
     """
-    from . import __version__
-
     start = time.perf_counter()
     if progress is None:
         progress = sys.stderr.isatty()
@@ -120,7 +101,7 @@ def evaluate(queries, database=None, index=None, topk="all", radius: int = 2, re
             topk = int(topk)
         if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk <= 0:
             raise ConfigError(f"topk must be 'all' or a positive integer, got {topk!r}")
-    from .index.core import check_engine
+    from .index.core import check_engine  # faiss: loaded only when an index is used (here and below)
 
     check_engine(engine)
     warnings: list[str] = []

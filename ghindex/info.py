@@ -13,6 +13,8 @@ import struct
 from typing import Any
 
 from .errors import StoreError
+from .encoder import Encoder
+from .io import file_fingerprint
 from .store import CodeStore, is_hdf5
 
 SKIPPED_EXAMPLES = 5
@@ -94,9 +96,6 @@ def describe_store(path: str) -> dict[str, Any]:
 
 def describe_model(path: str) -> dict[str, Any]:
     """The config of a model file (read from its header) and the file's fingerprint."""
-    from .encoder import Encoder
-    from .io import file_fingerprint
-
     config = Encoder.read_config(path)
     return {
         "kind": "model",
@@ -134,4 +133,3 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
     if _is_safetensors(name) or name.endswith((".ghm", ".safetensors")):
         return describe_model(name)
     raise StoreError(f"{name} is not a code store (HDF5), a model file (.ghm) or an index directory")
-

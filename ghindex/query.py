@@ -16,7 +16,7 @@ import re
 import numpy as np
 
 from .errors import ConfigError, DataError, ModelFileError, SearchError, StoreError
-from .evaluate import StoreLookup
+from .ids import StoreLookup, parse_ids
 from .io import atomic_path, file_fingerprint
 
 log = logging.getLogger(__name__)
@@ -25,24 +25,6 @@ log = logging.getLogger(__name__)
 GRID_MAX_QUERIES = 32
 GRID_MAX_NEIGHBOURS = 20
 GRID_CELL = 96
-
-
-def parse_ids(ids) -> list[int]:
-    """'3,17' / ['3', '17'] / [3, 17] -> [3, 17] (ConfigError for anything else)."""
-    if isinstance(ids, (str, bytes)):
-        ids = [ids]
-    out = []
-    for item in ids:
-        for part in str(item).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                value = int(part)
-            except ValueError:
-                raise ConfigError(f"ids must be integers separated by commas, got {part!r}") from None
-            out.append(value)
-    return out
 
 
 class _Store:

@@ -49,6 +49,7 @@ import numpy as np
 from . import store_write
 from .errors import OutputError, StoreError
 from .hashing import check_bits
+from .io import file_fingerprint
 from .io import writing
 from .store_format import (  # noqa: F401 - CodeBatch, is_hdf5, _RESERVED_ATTRS...: also imported from here
     _RESERVED_ATTRS,
@@ -316,8 +317,6 @@ class CodeStore(StoreWriting):
     @property
     def fingerprint(self) -> str:
         """sha256 of the file's bytes (after a flush, so it matches what is on disk)."""
-        from .io import file_fingerprint
-
         if self._fingerprint is None or self.writable:
             if self.writable:
                 self._f.flush()

@@ -106,3 +106,12 @@ def _relative_to(paths: Sequence, root: str) -> list[str]:
         full = os.path.normpath(os.path.abspath(p))
         out.append(full[len(prefix):] if full.startswith(prefix) else p)
     return out
+
+
+def parse_history(raw) -> list:
+    """The store's `history` attribute (a JSON list of run records); [] when absent or unreadable."""
+    try:
+        value = json.loads(raw) if raw else []
+    except (TypeError, ValueError):
+        return []
+    return value if isinstance(value, list) else []

@@ -1,7 +1,7 @@
 """One epoch of `ghindex.train`: a seeded pass over the training items, one optimizer step per batch.
 
-`train_epoch(run, epoch)` reads the state of a `ghindex.train._TrainingRun` (model, optimizer, schedule,
-inputs: cached frozen features or an image dataset) and returns the epoch's summary row. All of its
+`train_epoch(run, epoch)` reads the state of a run (`ghindex.train_state.TrainingState`: model, optimizer,
+schedule, inputs: cached frozen features or an image dataset) and returns the epoch's summary row. All of its
 randomness (order, flips, dropout) comes from generators seeded with (seed, epoch), which is what makes
 a resumed run reach the same weights. With several processes (torchrun), each takes its share of the
 same permutation and DistributedDataParallel all-reduces the gradients.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -21,9 +21,7 @@ from .data import collate
 from .encoder import Encoder
 from .errors import ConfigError, DataError
 from .hashing import greedy_sign
-
-if TYPE_CHECKING:
-    from .train import _TrainingRun
+from .train_state import TrainingState
 
 logger = logging.getLogger("ghindex.train")  # one logger for all of training
 
@@ -81,7 +79,7 @@ class DDPForward(torch.nn.Module):
         return fn(*args)
 
 
-def train_epoch(run: _TrainingRun, epoch: int) -> dict[str, Any]:
+def train_epoch(run: TrainingState, epoch: int) -> dict[str, Any]:
     """One pass over the training items in this epoch's seeded order; logs and returns its summary row."""
     rng_seed = epoch_seed(run.seed, epoch)
     gen = torch.Generator().manual_seed(rng_seed)
@@ -127,7 +125,7 @@ def epoch_line(row: dict[str, Any]) -> str:
     return line
 
 
-def _cached_steps(run: _TrainingRun, epoch: int, order: torch.Tensor, stats: EpochStats, bar) -> int:
+def _cached_steps(run: TrainingState, epoch: int, order: torch.Tensor, stats: EpochStats, bar) -> int:
     """The epoch's steps on cached features (hash layer and classifier only); returns 0 (nothing skipped)."""
     cached, labels_cached, head = run.cached, run.labels_cached, run.model.head
     for start in range(0, len(order), run.process_batch):
@@ -142,7 +140,7 @@ def _cached_steps(run: _TrainingRun, epoch: int, order: torch.Tensor, stats: Epo
     return 0
 
 
-def _image_steps(run: _TrainingRun, epoch: int, order: torch.Tensor, gen: torch.Generator, stats: EpochStats,
+def _image_steps(run: TrainingState, epoch: int, order: torch.Tensor, gen: torch.Generator, stats: EpochStats,
                  bar) -> int:
     """The epoch's steps through the whole model on images (flipped at random); returns the number of
     undecodable images skipped."""
@@ -178,7 +176,7 @@ def _image_steps(run: _TrainingRun, epoch: int, order: torch.Tensor, gen: torch.
     return skipped
 
 
-def _step(run: _TrainingRun, epoch: int, stats: EpochStats, h_raw, features, y, loss_weight: float = 1.0) -> None:
+def _step(run: TrainingState, epoch: int, stats: EpochStats, h_raw, features, y, loss_weight: float = 1.0) -> None:
     """Loss, backward and optimizer step on one batch's H; its statistics unless loss_weight is 0."""
     h = h_raw.float()
     b = greedy_sign(h)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, ModelFileError
+from .errors import OutputError
 from .io import atomic_path
 
 CHECKPOINT_FORMAT = 1
@@ -59,8 +60,6 @@ def _with_kept_checkpoint_hint(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .errors import OutputError
-
         try:
             return fn(*args, **kwargs)
         except OutputError as exc:

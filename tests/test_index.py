@@ -333,7 +333,7 @@ def test_without_gpu_auto_uses_cpu_and_on_fails_cleanly(tmp_path, rng, caplog):
 def test_gpu_wrapping_logic_with_a_stand_in_device(monkeypatch, rng, shard):
     """The GPU path (id remapping, shards' successive ids, k limit) with CPU indexes standing in for
     GpuIndexBinaryFlat, so it runs everywhere; real GPUs are checked in the next test."""
-    import ghindex.index as gi
+    import ghindex.index.gpu as gi  # patched where the names live
 
     def fake_to_gpu(flat, shard):
         codes = faiss.rev_swig_ptr(flat.xb.data(), flat.ntotal * flat.code_size).reshape(-1, flat.code_size)
@@ -370,7 +370,7 @@ def test_gpu_wrapping_logic_with_a_stand_in_device(monkeypatch, rng, shard):
 
 
 def test_ivf_training_uses_the_gpu_clustering_index_when_there_is_one(monkeypatch, rng):
-    import ghindex.index as gi
+    import ghindex.index.gpu as gi  # patched where the names live
 
     used = []
 

@@ -14,8 +14,9 @@ import torch
 import ghindex
 from ghindex.errors import ConfigError, DataError, IndexFileError, ModelFileError, StoreError
 from ghindex.evaluate import evaluate
-from ghindex.index import Index, add, build, remove
-from ghindex.index.lifecycle import DRIFT_REBUILD_RATIO, KILL_ENV, side_store_path
+from ghindex.index import Index, build
+from ghindex.lifecycle import add, remove
+from ghindex.lifecycle import DRIFT_REBUILD_RATIO, KILL_ENV, side_store_path
 from ghindex.info import info
 from ghindex.io import file_fingerprint
 from ghindex.store import CodeStore

@@ -11,7 +11,8 @@ from PIL import Image
 from ghindex import metrics
 from ghindex.encoder import Encoder
 from ghindex.errors import ConfigError, DataError, ModelFileError, StoreError
-from ghindex.evaluate import StoreLookup, evaluate
+from ghindex.evaluate import evaluate
+from ghindex.ids import StoreLookup
 from ghindex.hashing import hamming_distances
 from ghindex.index import build
 from ghindex.io import file_fingerprint

@@ -90,9 +90,9 @@ def test_ivf_target_picks_the_smallest_nprobe(data, tmp_path):
     index = Index.load(tmp_path / "ivf", gpu="off")
     assert index.nprobe == tuning["value"] == meta["params"]["nprobe"] > 1
     # recompute independently on the same sample: the value reaches the target, the one below does not
-    from ghindex.index.builder import _sample_positions
+    from ghindex.index.sampling import sample_positions
 
-    own = _sample_positions(8000, 300, [3, 1])
+    own = sample_positions(8000, 300, [3, 1])
     sample = codes[own]
     assert brute_recall(index, sample, codes, 10, own) == pytest.approx(tuning["recall"], abs=1e-9)
     index.nprobe = tuning["value"] - 1

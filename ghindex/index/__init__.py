@@ -32,21 +32,22 @@ Modules, one job each (none imports this package's ``__init__``):
 - `core`: the `Index` class
 - `builder`: `build` (from a code store, to disk) and `build_from_arrays` (in memory)
 - `tuning`: tie-aware recall against exact search; the smallest nprobe / efSearch for a recall target
-- `lifecycle`: `add` and `remove` codes in place, with the code store, crash-safely; IVF drift
+- `sampling`: the live rows of a code store as chunks; seeded samples gathered in one pass
+- `drift`: IVF drift, the codes' distance to their centroids (recorded at build, measured by `add`)
+- `transaction`: the crash-safe change of an index with its code store (lock, recovery, commit)
+
+Growing and shrinking an index (`add`, `remove`) encodes images, so it sits above this package, in
+`ghindex.lifecycle`. Names are looked up where they live: to replace one (in a test), patch its module
+(e.g. ``ghindex.index.gpu.gpu_count``); this package's names are re-exports for callers.
 """
 from __future__ import annotations
 
-import sys
-import types
-
-from . import builder, codes, core, files, gpu, keys, memory, structures  # noqa: E402
-from .builder import ChunkSource, build, build_from_arrays  # noqa: E402
-from .codes import FAST_WIDTHS, pad_codes, padded_width  # noqa: E402
-from .core import ENGINES, QUERY_BATCH, Index  # noqa: E402
-from .files import FORMAT, FORMAT_VERSION, INDEX_FILE, META_FILE, describe_index, read_meta  # noqa: E402
-from .gpu import GPU_MAX_K, _gpu_clustering_index, _to_gpu, gpu_count  # noqa: E402
-from .lifecycle import add, remove  # noqa: E402
-from .keys import (  # noqa: E402
+from .builder import build, build_from_arrays
+from .codes import FAST_WIDTHS, pad_codes, padded_width
+from .core import ENGINES, QUERY_BATCH, Index
+from .files import FORMAT, FORMAT_VERSION, INDEX_FILE, META_FILE, describe_index, read_meta
+from .gpu import GPU_MAX_K, gpu_count
+from .keys import (
     AUTO_FLAT_MAX,
     MIN_POINTS_PER_LIST,
     TRAIN_POINTS_PER_LIST,
@@ -58,38 +59,15 @@ from .keys import (  # noqa: E402
     parse_index_params,
     resolve_index_key,
 )
-from .memory import CHUNK_ROWS, estimate_memory, format_size, parse_size  # noqa: E402
-from .structures import FLAT_QUERY_BATCH  # noqa: E402
+from .memory import CHUNK_ROWS, estimate_memory, format_size, parse_size
+from .sampling import ChunkSource
+from .structures import FLAT_QUERY_BATCH
 
 __all__ = [
     "AUTO_FLAT_MAX", "CHUNK_ROWS", "ChunkSource", "ENGINES", "FAST_WIDTHS", "FLAT_QUERY_BATCH", "FORMAT",
     "FORMAT_VERSION", "GPU_MAX_K", "INDEX_FILE", "Index", "IndexSpec", "META_FILE", "MIN_POINTS_PER_LIST",
-    "QUERY_BATCH", "TRAIN_POINTS_PER_LIST", "add", "auto_index_key", "auto_nlist", "build", "build_from_arrays",
+    "QUERY_BATCH", "TRAIN_POINTS_PER_LIST", "auto_index_key", "auto_nlist", "build", "build_from_arrays",
     "default_nprobe", "describe_index", "estimate_memory", "format_size", "gpu_count", "pad_codes",
-    "padded_width", "parse_index_key", "parse_index_params", "parse_size", "read_meta", "remove",
+    "padded_width", "parse_index_key", "parse_index_params", "parse_size", "read_meta",
     "resolve_index_key",
 ]
-
-_SUBMODULES = (keys, codes, memory, gpu, structures, files, core, builder)
-
-
-class _Package(types.ModuleType):
-    """Setting a name on the package rebinds it in every submodule that holds the same object.
-
-    The code that calls `gpu_count`, `_to_gpu` or `_gpu_clustering_index` lives in the submodules, which
-    bound those names at import; tests replace them on the package (``monkeypatch.setattr(ghindex.index,
-    "gpu_count", ...)``, as when this package was one module), and the replacement (and its undo) must
-    reach the callers.
-    """
-
-    def __setattr__(self, name: str, value) -> None:
-        missing = object()
-        old = self.__dict__.get(name, missing)
-        if old is not missing and not isinstance(old, types.ModuleType):
-            for module in _SUBMODULES:
-                if module.__dict__.get(name, missing) is old:
-                    setattr(module, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -7,17 +7,19 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
 
 import faiss
 import numpy as np
 
 from ..errors import ConfigError, StoreError
 from ..hashing import check_bits
+from ..store import CodeStore
+from ..version import __version__
+from . import gpu as faiss_gpu  # looked up at call time: tests replace its functions
 from .codes import _check_ids, pad_codes, padded_width
 from .core import Index
+from .drift import drift_reference
 from .files import FORMAT, FORMAT_VERSION, _check_out
-from .gpu import _gpu_clustering_index, _resolve_gpu
 from .keys import (
     MIN_POINTS_PER_LIST,
     TRAIN_POINTS_PER_LIST,
@@ -26,12 +28,11 @@ from .keys import (
     resolve_index_key,
 )
 from .memory import CHUNK_ROWS, estimate_memory, format_size, parse_size
+from .sampling import ChunkSource, gather, live_chunks, sample_positions
 from .structures import _apply_params, _inner, _new_faiss_index
-from .tuning import TUNE_QUERIES
+from .tuning import TUNE_QUERIES, TUNED_PARAM, check_target, tune_from_database
 
 log = logging.getLogger(__name__)
-
-ChunkSource = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
 
 
 class _IndexBuilder:
@@ -61,7 +62,7 @@ class _IndexBuilder:
         self.chunk_rows = int(chunk_rows)
         self.memory = estimate_memory(self.spec, self.n, self.bits, self.params, self.chunk_rows)
         # Only IVF k-means has GPU work to do at build time (a flat index goes to the GPU when loaded).
-        self.use_gpu = _resolve_gpu(gpu, "building") and self.spec.kind == "ivf"
+        self.use_gpu = faiss_gpu._resolve_gpu(gpu, "building") and self.spec.kind == "ivf"
         limit = parse_size(max_memory)
         log.info(
             "%s over %s codes of %d bits (searched at %d bytes): needs about %s (peak %s while building)",
@@ -109,7 +110,7 @@ class _IndexBuilder:
         if "kmeans_iters" in self.params:
             ivf.cp.niter = self.params["kmeans_iters"]
         # SWIG does not keep a Python reference for clustering_index: hold it here until training ends.
-        clustering = _gpu_clustering_index(self.width * 8) if self.use_gpu else None
+        clustering = faiss_gpu._gpu_clustering_index(self.width * 8) if self.use_gpu else None
         if clustering is not None:
             ivf.clustering_index = clustering[0]
         log.info("training %s on %s sampled codes%s", self.spec.key, f"{len(sample):,}",
@@ -125,31 +126,7 @@ class _IndexBuilder:
 
 def _sample_codes(chunks: ChunkSource, n: int, size: int, code_bytes: int, seed: int) -> np.ndarray:
     """`size` codes drawn uniformly without replacement, in one sequential pass over the chunks."""
-    return _gather(chunks, _sample_positions(n, size, seed), code_bytes, n)[0]
-
-
-def _gather(chunks: ChunkSource, picks: np.ndarray, code_bytes: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(codes, ids) at the sorted positions `picks` of the `n` codes the chunks yield, in one pass."""
-    sample = np.empty((len(picks), code_bytes), dtype=np.uint8)
-    sample_ids = np.empty(len(picks), dtype=np.int64)
-    start = filled = 0
-    for codes, ids in chunks():
-        lo, hi = np.searchsorted(picks, [start, start + len(codes)])
-        sample[filled:filled + hi - lo] = codes[picks[lo:hi] - start]
-        sample_ids[filled:filled + hi - lo] = ids[picks[lo:hi] - start]
-        filled += hi - lo
-        start += len(codes)
-        if filled == len(picks):
-            break
-    if filled != len(picks):
-        raise StoreError(f"the code source ended after {start:,} codes, expected {n:,}")
-    return sample, sample_ids
-
-
-def _sample_positions(n: int, size: int, seed) -> np.ndarray:
-    """`size` sorted positions in 0..n-1, drawn without replacement by a generator seeded with `seed`."""
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
+    return gather(chunks, sample_positions(n, size, seed), code_bytes, n)[0]
 
 
 def _progress(total: int, desc: str):
@@ -209,8 +186,6 @@ def build(codes: str | os.PathLike, out: str | os.PathLike, index_key: str = "au
     recall and queries/s. IVF indexes also record how far their codes sit from their lists' centroids
     (`drift`), against which `add` measures new codes.
     """
-    from ..store import CodeStore  # imported late: the store module pulls in h5py
-
     out = Path(out)
     _check_out(out, overwrite)
     start = time.perf_counter()
@@ -222,7 +197,7 @@ def build(codes: str | os.PathLike, out: str | os.PathLike, index_key: str = "au
             raise StoreError(f"code store {codes}: {store.code_bytes} bytes per code do not hold {bits} bits")
 
         chunk_rows = int(chunk_rows or store.default_iter_rows())
-        chunks = _live_chunks(store, codes, chunk_rows)
+        chunks = live_chunks(store, codes, chunk_rows)
         builder = _IndexBuilder(n, bits, index_key, index_param, gpu, max_memory, seed, chunk_rows)
         _check_tuning(builder, index_param, target_recall, target_k)
         faiss_index = builder.build(chunks)
@@ -235,30 +210,10 @@ def build(codes: str | os.PathLike, out: str | os.PathLike, index_key: str = "au
     return dict(index.meta, path=str(out))
 
 
-def _live_chunks(store, name, chunk_rows: int) -> ChunkSource:
-    """(codes, ids) of the store's rows in order, in chunks, leaving out rows marked deleted."""
-    deleted = store.deleted() if store.num_deleted else None
-
-    def chunks():
-        start = 0
-        for batch in store.iter_chunks(rows=chunk_rows, paths=False):
-            batch_codes = np.asarray(batch.codes, dtype=np.uint8)
-            ids = _check_ids(batch.ids, len(batch_codes), f"code store {name}", StoreError)
-            if deleted is not None:
-                keep = ~deleted[start:start + len(ids)]
-                batch_codes, ids = batch_codes[keep], ids[keep]
-            start += len(batch.ids)
-            yield batch_codes, ids
-
-    return chunks
-
-
 def _check_tuning(builder: _IndexBuilder, index_param, target_recall, target_k) -> None:
     """Refuse a recall target the index cannot be tuned for, before any work."""
     if target_recall is None:
         return
-    from .tuning import TUNED_PARAM, check_target
-
     check_target(target_recall, target_k, builder.spec.kind, builder.spec.key)
     name = TUNED_PARAM[builder.spec.kind]
     given = parse_index_params(index_param, builder.spec)
@@ -270,9 +225,6 @@ def _check_tuning(builder: _IndexBuilder, index_param, target_recall, target_k) 
 def _lifecycle_meta(builder: _IndexBuilder, index: Index, chunks: ChunkSource, target_recall, target_k,
                     tune_queries) -> dict:
     """IVF: the codes' distance to their centroids (for `add`); with a target: the tuned setting."""
-    from .lifecycle import drift_reference
-    from .tuning import tune_from_database
-
     extra = {}
     if builder.spec.kind == "ivf":
         extra["drift"] = drift_reference(index, chunks, builder.n, builder.seed)
@@ -283,8 +235,6 @@ def _lifecycle_meta(builder: _IndexBuilder, index: Index, chunks: ChunkSource, t
 
 
 def _make_meta(builder: _IndexBuilder, faiss_index, store, store_path=None) -> dict:
-    from .. import __version__
-
     encoder_fp = (store.encoder_fingerprint or None) if store is not None else None
     return {
         "format": FORMAT,

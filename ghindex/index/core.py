@@ -12,7 +12,8 @@ from .. import flatscan
 from ..errors import ConfigError, IndexFileError, SearchError
 from .codes import _check_codes, _check_ids, pad_codes
 from .files import INDEX_FILE, META_FILE, _atomic_dir, _faiss_reason, read_meta, write_meta
-from .gpu import GPU_MAX_K, _resolve_gpu, _to_gpu, gpu_count
+from . import gpu as faiss_gpu  # looked up at call time: tests replace its functions
+from .gpu import GPU_MAX_K
 from .structures import _apply_params, _inner, _kind_of
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class Index:
     # ---- GPU
     def to_gpu(self, gpu: str = "on", shard: bool = False) -> bool:
         """Search on all GPUs (flat indexes only). Returns whether the index now runs on GPU."""
-        if not _resolve_gpu(gpu, "searching"):
+        if not faiss_gpu._resolve_gpu(gpu, "searching"):
             return False
         if self.kind != "flat":
             if gpu == "on":
@@ -113,10 +114,10 @@ class Index:
             return False
         flat = _inner(self._cpu)
         positions_to_ids = faiss.vector_to_array(self._cpu.id_map).astype(np.int64)
-        gpu_index, resources = _to_gpu(flat, shard)
+        gpu_index, resources = faiss_gpu._to_gpu(flat, shard)
         self._gpu = (gpu_index, resources, positions_to_ids)
         self._gpu_shard = bool(shard)
-        log.info("searching on %d GPU(s) (%s)", gpu_count(), "shards" if shard else "replicas")
+        log.info("searching on %d GPU(s) (%s)", faiss_gpu.gpu_count(), "shards" if shard else "replicas")
         return True
 
     def to_cpu(self) -> None:

@@ -1,11 +1,12 @@
 """IVF drift: how far codes sit from the centroids of an IVF index's trained lists, measured on a sample
 of the build's codes (`drift_reference`, recorded at build time) and of each add's (`_drift_report`);
-see `ghindex.index.lifecycle`'s docstring for when a rebuild is recommended."""
+see `ghindex.lifecycle`'s docstring for when a rebuild is recommended."""
 from __future__ import annotations
 
 import numpy as np
 
 from .codes import pad_codes
+from .sampling import gather, live_chunks, sample_positions
 from .structures import _inner
 
 #: New codes this many times farther from their IVF centroids than the build's codes: rebuild.
@@ -27,9 +28,7 @@ def centroid_distances(index, codes: np.ndarray) -> np.ndarray:
 def drift_reference(index, chunks, n: int, seed: int = 0) -> dict:
     """Mean distance to the nearest centroid of up to DRIFT_SAMPLE seeded codes of an IVF index's own
     codes (`chunks()` yields their (codes, ids)): what `add` compares new codes with."""
-    from .builder import _gather, _sample_positions
-
-    codes, _ = _gather(chunks, _sample_positions(n, min(n, DRIFT_SAMPLE), [int(seed), 2]), index.code_bytes, n)
+    codes, _ = gather(chunks, sample_positions(n, min(n, DRIFT_SAMPLE), [int(seed), 2]), index.code_bytes, n)
     return {"mean_distance": round(float(centroid_distances(index, codes).mean()), 4), "sample": len(codes),
             "rebuild_ratio": DRIFT_REBUILD_RATIO}
 
@@ -37,9 +36,7 @@ def drift_reference(index, chunks, n: int, seed: int = 0) -> dict:
 def _drift_sample_positions(index, count: int) -> np.ndarray | None:
     if index.kind != "ivf":
         return None
-    from .builder import _sample_positions
-
-    return _sample_positions(count, min(count, DRIFT_SAMPLE), [0, 3])
+    return sample_positions(count, min(count, DRIFT_SAMPLE), [0, 3])
 
 
 def _drift_report(index, base, meta: dict, distances: np.ndarray | None, count: int) -> dict | None:
@@ -48,10 +45,8 @@ def _drift_report(index, base, meta: dict, distances: np.ndarray | None, count: 
         return None
     reference = meta.get("drift")
     if not reference:  # built before builds recorded it: measure the store's codes now, once
-        from .builder import _live_chunks
-
         n = len(base) - base.num_deleted
-        reference = drift_reference(index, _live_chunks(base, base.path, _READ_ROWS), n)
+        reference = drift_reference(index, live_chunks(base, base.path, _READ_ROWS), n)
         reference["measured"] = "at the first add (the build did not record it)"
         index.meta["drift"] = reference
     build_mean = float(reference["mean_distance"])

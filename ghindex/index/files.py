@@ -160,8 +160,6 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 def _lifecycle_fields(meta: dict) -> dict:
     """Recall tuning and add/remove counts, when the index has them."""
-    from .lifecycle import describe_lifecycle
-
     fields = {}
     tuning = meta.get("tuning")
     if tuning:
@@ -200,4 +198,20 @@ def describe_index(path: str | os.PathLike) -> dict:
         "created": meta.get("created"),
         "faiss_version": meta.get("faiss_version"),
         "ghindex_version": meta.get("ghindex_version"),
+    }
+
+
+def describe_lifecycle(meta: dict) -> dict | None:
+    """What `ghindex info` shows of an index's adds, removes and drift (None before any)."""
+    life = meta.get("lifecycle")
+    if not life:
+        return None
+    drift = life.get("drift") or {}
+    return {
+        "added": life.get("added", 0),
+        "removed": life.get("removed", 0),
+        "ntotal_at_build": life.get("ntotal_at_build"),
+        "operations": len(life.get("history", [])),
+        "drift_ratio": drift.get("added_ratio"),
+        "rebuild_recommended": bool(drift.get("rebuild_recommended")),
     }

@@ -1,6 +1,6 @@
 """The crash-safe change of an index together with its code store, as `add` and `remove` make it: the
 lock, recovery from a killed run, STORE.pending, and the commit (new index, then the store rename).
-The steps and what a kill between them leaves are in `ghindex.index.lifecycle`'s docstring."""
+The steps and what a kill between them leaves are in `ghindex.lifecycle`'s docstring."""
 from __future__ import annotations
 
 import contextlib
@@ -13,10 +13,12 @@ import signal
 from pathlib import Path
 
 from ..errors import IndexFileError, StoreError
-from ..io import atomic_path, file_fingerprint
-from .files import INDEX_FILE, META_FILE, read_meta
+from ..io import _pid_alive, atomic_path, file_fingerprint
+from ..store import CodeStore
+from ..store_format import parse_history
+from .files import INDEX_FILE, META_FILE, read_meta, store_path_of
 
-log = logging.getLogger("ghindex.index.lifecycle")  # one logger for add, remove and their recovery
+log = logging.getLogger("ghindex.lifecycle")  # one logger for add, remove and their recovery
 
 #: Entries kept in meta.json's lifecycle history.
 HISTORY_LIMIT = 1000
@@ -42,10 +44,7 @@ def _pending(store: Path) -> Path:
 
 
 def _store_path(index_dir: Path, meta: dict) -> Path:
-    from . import files
-
-    resolve = getattr(files, "store_path_of", None)  # the index's one resolver of its store link, if present
-    recorded = resolve(index_dir, meta) if resolve is not None else meta.get("store_path")
+    recorded = store_path_of(index_dir, meta)
     if not recorded or not meta.get("store_fingerprint"):
         raise StoreError(
             f"index {index_dir} records no code store (built from arrays?); add and remove change an index "
@@ -85,8 +84,6 @@ def _restore_interrupted_swap(index_dir: Path) -> None:
     between them leaves no DIR. Put the new one (complete: written and synced before the renames) there."""
     if index_dir.exists():
         return
-    from ..io import _pid_alive
-
     prefix = f".{index_dir.name}."
     for old in sorted(index_dir.parent.glob(f"{prefix}*.old")):
         pid = old.name[len(prefix):-len(".old")]
@@ -123,9 +120,7 @@ def _recover(index_dir: Path) -> tuple[dict, Path]:
 
 
 def _history(store) -> list:
-    from ..encode_state import _history as history
-
-    return history(store)
+    return parse_history(store.attrs.get("history"))
 
 
 def _now() -> str:
@@ -135,8 +130,6 @@ def _now() -> str:
 def _write_pending(store: Path, change, entry: dict) -> str:
     """STORE.pending = STORE changed by `change(writable copy)`, its history extended by `entry`,
     complete; written as a temporary file, synced, renamed. Returns its fingerprint."""
-    from ..store import CodeStore
-
     pending = _pending(store)
     with atomic_path(pending) as tmp:
         shutil.copyfile(store, tmp)

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 
+from .. import flatscan
 from ..errors import ConfigError
 from .codes import pad_codes
+from .sampling import ChunkSource, gather, sample_positions
 from .structures import _apply_params, _inner
 
 log = logging.getLogger(__name__)
@@ -60,8 +62,6 @@ def exact_knn_distances(queries: np.ndarray, chunks: Iterable[np.ndarray], k: in
     (Q, 2k) distances. The scan is `flatscan.knn` (several times FAISS's flat scan on CPUs), so
     tuning can afford thousands of queries.
     """
-    from .. import flatscan
-
     queries = np.ascontiguousarray(queries, dtype=np.uint8)
     best = np.empty((len(queries), 0), dtype=np.int32)
     for codes in chunks:
@@ -197,18 +197,16 @@ def tune(index, queries: np.ndarray, kth: np.ndarray, target_recall: float, targ
     }
 
 
-def tune_from_database(index, chunks: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]], n: int,
+def tune_from_database(index, chunks: ChunkSource, n: int,
                        target_recall: float, target_k: int = 10, queries: int = TUNE_QUERIES,
                        seed: int = 0) -> dict:
     """`tune` on a seeded sample of `queries` database codes used as queries (leave-one-out), against
     exact results over everything `chunks()` yields ((codes, ids) pairs, `n` codes in all)."""
-    from .builder import _gather, _sample_positions
-
     target_recall, target_k = check_target(target_recall, target_k, index.kind, index.index_key)
     if isinstance(queries, bool) or not isinstance(queries, (int, np.integer)) or queries < 1:
         raise ConfigError(f"the number of tuning queries must be a positive integer, got {queries!r}")
-    picks = _sample_positions(n, int(min(queries, n)), [int(seed), 1])  # not the k-means sample
-    sample, own = _gather(chunks, picks, index.code_bytes, n)
+    picks = sample_positions(n, int(min(queries, n)), [int(seed), 1])  # not the k-means sample
+    sample, own = gather(chunks, picks, index.code_bytes, n)
     t0 = time.perf_counter()
     k = int(min(target_k, n - 1))
     if k < 1:

@@ -23,6 +23,7 @@ from starlette.responses import Response
 
 from ..errors import ConfigError, GhindexError, ImageError, SearchError
 from ..query import Searcher
+from ..version import __version__
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .middleware import RequestGuard
 from .openapi import (
@@ -82,7 +83,7 @@ def create_app(index, model=None, *, token: str | None = None, max_upload: int =
         await service.close()
 
     app = FastAPI(
-        title="ghindex", version=_version(), lifespan=lifespan,
+        title="ghindex", version=__version__, lifespan=lifespan,
         description="Search an index of binary image codes by image, stored id or code.",
         docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None,  # their pages load from a CDN
     )
@@ -238,12 +239,6 @@ def http_error_response(exc: HTTPException) -> JSONResponse:
 def ghindex_error_response(exc: GhindexError) -> JSONResponse:
     user = isinstance(exc, (ConfigError, SearchError, ImageError))
     return error_response(400 if user else 500, str(exc))
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 def _load_static() -> dict[str, bytes]:

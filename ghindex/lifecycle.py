@@ -48,9 +48,22 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, DataError, ModelFileError, StoreError
-from ..io import file_fingerprint
-from .drift import (  # noqa: F401 - DRIFT_REBUILD_RATIO, drift_reference: imported from here
+from .encode_state import (
+    _append_base,
+    _check_ids,
+    _check_source,
+    _existing_ids_clash,
+    _is_result_of,
+    _journal_header,
+    _max_id,
+    load_source,
+    source_fingerprint,
+)
+from .errors import ConfigError, DataError, ModelFileError, StoreError
+from .ids import StoreLookup, parse_ids
+from .index.builder import _IndexBuilder
+from .index.core import Index
+from .index.drift import (  # noqa: F401 - DRIFT_REBUILD_RATIO, drift_reference: imported from here
     _READ_ROWS,
     DRIFT_REBUILD_RATIO,
     _drift_report,
@@ -58,8 +71,9 @@ from .drift import (  # noqa: F401 - DRIFT_REBUILD_RATIO, drift_reference: impor
     centroid_distances,
     drift_reference,
 )
-from .structures import _inner
-from .transaction import (  # noqa: F401 - KILL_ENV: imported from here
+from .index.sampling import live_chunks
+from .index.structures import _inner
+from .index.transaction import (  # noqa: F401 - KILL_ENV: imported from here
     KILL_ENV,
     _commit,
     _kill_point,
@@ -70,6 +84,9 @@ from .transaction import (  # noqa: F401 - KILL_ENV: imported from here
     _recover,
     _write_pending,
 )
+from .io import file_fingerprint
+from .journal import Journal
+from .store import CodeStore
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +113,6 @@ def _joinable(base, side, side_name: str, keep_ids: bool) -> None:
     if base.has_paths and not side.has_paths:
         raise StoreError(f"{where}: the store keeps image paths and it has none")
     if keep_ids:
-        from ..encode_state import _check_ids, _existing_ids_clash
-
         ids = side.ids()[~side.deleted()]
         _check_ids(ids, side_name)
         clash = _existing_ids_clash(base, ids)
@@ -121,11 +136,10 @@ def _encode_side(index_dir: Path, meta: dict, store: Path, model, data, *, root,
                  encode_options: dict) -> tuple[Path, dict | None, dict]:
     """Step 3: encode DATA into the side store (resumable). Returns (side store, encode summary or None
     when this add already completed, what identifies the input)."""
-    from .. import distributed
-    from ..encode import encode
-    from ..encode_state import _append_base, _check_source, _is_result_of, _journal_header, load_source, source_fingerprint
-    from ..encoder import Encoder
-    from ..journal import Journal
+    # torch: only an add that encodes images needs it
+    from . import distributed
+    from .encode import encode
+    from .encoder import Encoder
 
     if distributed.is_distributed():
         raise ConfigError("add runs in one process: launch it without torchrun")
@@ -201,9 +215,6 @@ def add(index: str | os.PathLike, data: str | os.PathLike | None = None, model: 
     `discard_pending` drops the encoded codes of an interrupted add that never reached the index.
     The other options are `encode`'s. Returns a summary (see the module docstring for the steps).
     """
-    from ..store import CodeStore
-    from .core import Index
-
     start_time = time.perf_counter()
     if (codes is None) == (data is None and model is None):
         raise ConfigError("give either new images (data and model) or a code store (codes), not both or neither")
@@ -257,10 +268,6 @@ def _already(index_dir: Path, meta: dict, start_time: float) -> dict:
 def _add_side(index_dir: Path, meta: dict, store: Path, side: Path, ident: dict, *, keep_ids: bool,
               own_ids: bool) -> dict:
     """Steps 4-6 of an add: the rows of the side store into STORE.pending, the index, then STORE."""
-    from ..encode_state import _max_id
-    from ..store import CodeStore
-    from .core import Index
-
     with CodeStore.open(store) as base, CodeStore.open(side) as new_rows:
         _joinable(base, new_rows, os.fspath(side), keep_ids or own_ids)
         id_offset = 0 if (keep_ids or own_ids) else _max_id(base) + 1
@@ -336,10 +343,6 @@ def remove(index: str | os.PathLike, ids=None, ids_file: str | os.PathLike | Non
     nothing). Flat and IVF indexes drop the codes in place; HNSW and hash indexes, which FAISS cannot
     remove from, are rebuilt from the store without them. Crash-safe like `add`. Returns a summary.
     """
-    from ..query import parse_ids
-    from ..store import CodeStore
-    from .core import Index
-
     start_time = time.perf_counter()
     wanted = parse_ids(ids) if ids is not None else []
     if ids_file is not None:
@@ -351,8 +354,6 @@ def remove(index: str | os.PathLike, ids=None, ids_file: str | os.PathLike | Non
     with _locked(index_dir):
         meta, store = _recover(index_dir)
         with CodeStore.open(store) as base:
-            from ..evaluate import StoreLookup
-
             rows = StoreLookup(base.ids()).rows(wanted)
             if (rows < 0).any():
                 missing = wanted[rows < 0]
@@ -393,10 +394,6 @@ def remove(index: str | os.PathLike, ids=None, ids_file: str | os.PathLike | Non
 
 def _rebuilt(index, store_path: Path):
     """The same kind of index (key, parameters) built from the store's live rows."""
-    from ..store import CodeStore
-    from .builder import _IndexBuilder, _live_chunks
-    from .core import Index
-
     meta = index.meta
     params = {k: v for k, v in meta.get("params", {}).items()}
     with CodeStore.open(store_path) as store:
@@ -404,22 +401,6 @@ def _rebuilt(index, store_path: Path):
         if n == 0:
             raise ConfigError(f"cannot remove every code from a {index.index_key} index; delete the index instead")
         builder = _IndexBuilder(n, int(meta["bits"]), meta["index_key"], params, gpu="off")
-        faiss_index = builder.build(_live_chunks(store, store_path, store.default_iter_rows()))
+        faiss_index = builder.build(live_chunks(store, store_path, store.default_iter_rows()))
     meta["faiss_class"] = type(_inner(faiss_index)).__name__
     return Index(faiss_index, meta, path=index.path)
-
-
-def describe_lifecycle(meta: dict) -> dict | None:
-    """What `ghindex info` shows of an index's adds, removes and drift (None before any)."""
-    life = meta.get("lifecycle")
-    if not life:
-        return None
-    drift = life.get("drift") or {}
-    return {
-        "added": life.get("added", 0),
-        "removed": life.get("removed", 0),
-        "ntotal_at_build": life.get("ntotal_at_build"),
-        "operations": len(life.get("history", [])),
-        "drift_ratio": drift.get("added_ratio"),
-        "rebuild_recommended": bool(drift.get("rebuild_recommended")),
-    }
