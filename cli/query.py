@@ -17,6 +17,9 @@ import click
               help="Query with every code of this code store (.h5) instead of images.")
 @click.option("--ids", default=None, metavar="ID,ID,...",
               help="Query with these ids of the index's code store, e.g. 3,17.")
+@click.option("--exclude-self", is_flag=True,
+              help="Leave each --ids query's own item out of its neighbours (by default it comes first "
+                   "among its ties, before exact copies stored earlier).")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per query.")
 @click.option("--radius", type=click.IntRange(min=0), default=None,
               help="Keep only neighbours within this Hamming distance (bits), still at most k. [default: no limit]")
@@ -40,18 +43,19 @@ import click
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True, help="table for people; json = one JSON object per query per line; "
                                       "csv = one row per neighbour.")
-def query(index, model, images, codes, ids, k, radius, force, grid, root, batch_size, gpu, gpu_shard, engine, fmt):
+def query(index, model, images, codes, ids, exclude_self, k, radius, force, grid, root, batch_size, gpu, gpu_shard,
+          engine, fmt):
     """Find the nearest codes in INDEX for query IMAGES (with --model), --codes or --ids.
 
-    Neighbours are ranked by Hamming distance, ties by database position, with their id, distance,
-    and path and label when the index's code store has them.
+    Neighbours are ranked by Hamming distance, ties by database position (a queried id's own item
+    first), with their id, distance, and path and label when the index's code store has them.
     """
     from ghindex.query import CSV_FIELDS, csv_rows, format_table, json_lines
     from ghindex.query import query as query_fn
 
     results = query_fn(index, model=model, images=images, codes=codes, ids=ids or (), k=k, radius=radius,
                        force=force, grid=grid, batch_size=batch_size, gpu=gpu, gpu_shard=gpu_shard, root=root,
-                       engine=engine)
+                       engine=engine, exclude_self=exclude_self)
     if fmt == "json":
         if results:
             click.echo(json_lines(results))

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -99,6 +100,7 @@ class Searcher:
                  device=None, need_store: bool = False, root=None, engine: str = "ghindex"):
         from .index import Index
         from .index.files import store_path_of
+        from .index.lookup import CodesById
         from .store import CodeStore
 
         self.index = index if isinstance(index, Index) else Index.load(index, gpu=gpu, gpu_shard=gpu_shard,
@@ -107,6 +109,7 @@ class Searcher:
         self.force = force
         self.store, self.db = None, None
         self.encoder, self.model_path = None, None
+        self.codes_by_id = None  # ids -> codes from memory (ghindex.index.lookup), with the store
         meta = self.index.meta
         self.store_path = store_path_of(self.index.path, meta)
         if self.store_path and os.path.exists(self.store_path):
@@ -119,6 +122,7 @@ class Searcher:
                     "differs), so its paths and labels may not match the index: rebuild the index, or pass force"
                 )
             self.store, self.db = store, _Store(store)
+            self.codes_by_id = CodesById(self.index, store, self.db.lookup)
         elif need_store:
             raise StoreError(
                 f"index {self.name} has no code store to look ids up in (recorded: {self.store_path or 'none'})")
@@ -160,7 +164,7 @@ class Searcher:
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
-            self.store, self.db = None, None
+            self.store, self.db, self.codes_by_id = None, None, None
 
     def __enter__(self) -> "Searcher":
         return self
@@ -206,32 +210,52 @@ class Searcher:
             raise ConfigError("images need a model to encode them (--model)")
         return self.encoder.encode(list(images), batch_size=batch_size)
 
-    def codes_for_ids(self, ids) -> tuple[np.ndarray, list[dict]]:
-        """The stored codes of `ids` and their query records (ConfigError for an id not stored)."""
+    def codes_for_ids(self, ids) -> "Queries":
+        """The stored codes of `ids` and their query records, looked up from memory in one call
+        (ConfigError for an id not stored). Ids the index holds are its `self_ids`."""
         if self.db is None:
             raise StoreError(f"index {self.name} has no code store to look ids up in (recorded: {self.store_path or 'none'})")
         ids = parse_ids(ids)
-        rows = [self.row(i) for i in ids]
-        missing = [i for i, r in zip(ids, rows) if r < 0]
-        if missing:
-            raise ConfigError(f"id {missing[0]} is not in code store {self.store_path}")
-        q_codes = np.stack([self.store.read(r, r + 1, paths=False).codes[0] for r in rows])
+        found = self.codes_by_id(ids)  # ConfigError "id X is not in code store PATH" for the first unknown
+        rows = found.rows.tolist()
         paths = self.db.paths(rows)
         q_meta = []
         for i, r, p in zip(ids, rows, paths):
             label = self.db.label(r)
             q_meta.append({"query": f"id:{i}", "query_id": int(i), "query_path": p, "query_label": label,
                            "query_label_name": self.db.label_name(label)})
-        return q_codes, q_meta
+        self_ids = np.where(found.in_index, np.asarray(ids, np.int64), -1)
+        return Queries(found.codes, q_meta, self_ids)
 
     def search(self, q_codes: np.ndarray, k: int, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(distances, ids) of the k nearest codes: `Index.search` (`threads`: of its exact scan)."""
         return self.index.search(q_codes, int(k), threads=threads)
 
-    def records(self, q_meta: list[dict], dist: np.ndarray, found: np.ndarray, radius: int | None = None) -> list[dict]:
+    def records(self, q_meta: list[dict], dist: np.ndarray, found: np.ndarray, radius: int | None = None, *,
+                k: int | None = None, self_ids: np.ndarray | None = None, exclude_self: bool = False) -> list[dict]:
         """Search output -> one result per query: its q_meta record plus "neighbors" ranked by distance,
-        ties by database position, within `radius` when given."""
-        return _assemble(q_meta, dist, found, self.db, radius)
+        ties by database position, within `radius` when given, at most `k` (default: all found).
+
+        `self_ids` (queries by stored id, see `codes_for_ids`): each query's own id in the index, -1
+        for none. The item itself comes first among its ties (it is put first at distance 0 when the
+        search left it out behind k other exact copies), or is left out with `exclude_self` (search
+        `search_depth(k, True)` neighbours for that, so that k others remain)."""
+        return _assemble(q_meta, dist, found, self.db, radius, k, self_ids, exclude_self)
+
+
+@dataclass
+class Queries:
+    """Query codes with their records (`Searcher.records`' q_meta); `self_ids`: for queries by stored
+    id, each query's own id where the index holds it, else -1 (None: no query is a stored id)."""
+
+    codes: np.ndarray
+    meta: list[dict]
+    self_ids: np.ndarray | None = None
+
+
+def search_depth(k: int, exclude_self: bool) -> int:
+    """Neighbours to search for k results: one more when the item itself is to be left out."""
+    return int(k) + (1 if exclude_self else 0)
 
 
 def query_record(name: str, path: str | None = None) -> dict:
@@ -241,13 +265,16 @@ def query_record(name: str, path: str | None = None) -> dict:
 
 def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius: int | None = None,
           force: bool = False, grid=None, batch_size: int = 64, device=None, gpu: str = "auto",
-          gpu_shard: bool = False, root=None, engine: str = "ghindex") -> list[dict]:
+          gpu_shard: bool = False, root=None, engine: str = "ghindex", exclude_self: bool = False) -> list[dict]:
     """Search `index` for each query and return one dict per query.
 
     Queries are exactly one of: `images` (paths, encoded with `model`), `codes` (a code store: all
-    its codes, with its labels and paths), `ids` (ids in the index's code store, e.g. "3,17").
+    its codes, with its labels and paths), `ids` (ids in the index's code store, e.g. "3,17"; their
+    codes come from memory: the flat index's own, or the store's read once).
     `k`: neighbours per query; `radius`: keep only neighbours within this Hamming distance (still at
-    most k). `force`: accept a model or query store whose encoder differs from the index's, and a
+    most k). A query by id finds its own item first among its ties (at distance 0, before exact
+    copies stored earlier); `exclude_self` leaves it out instead (k other neighbours; ids only).
+    `force`: accept a model or query store whose encoder differs from the index's, and a
     code store that changed since the index was built. `grid`: write a PNG with each query image and
     its neighbours, framed green (relevant) / red (not) when labels are known. `gpu`, `gpu_shard`: as
     `Index.load` (a flat index goes on all GPUs FAISS sees: a replica on each, or shards). `root`: the
@@ -273,10 +300,13 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
         raise ConfigError("images need a model to encode them (--model)")
     if model is not None and not images:
         raise ConfigError("a model is only used to encode query images; give images too")
+    if exclude_self and not ids:
+        raise ConfigError("exclude_self leaves out a query's own item: it applies to queries by id only")
 
     with Searcher(index, model, force=force, gpu=gpu, gpu_shard=gpu_shard, device=device,
                   need_store=bool(ids), root=root, engine=engine) as searcher:
         idx = searcher.index
+        self_ids = None  # queries by id: their own ids in the index
         if images:
             q_codes = searcher.encode([os.fspath(p) for p in images], batch_size=batch_size)
             q_meta = [query_record(os.fspath(p), os.path.abspath(p)) for p in images]
@@ -305,28 +335,41 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
                     q_meta.append({"query": f"id:{int(i)}", "query_id": int(i), "query_path": p,
                                    "query_label": label, "query_label_name": _label_name(label, q_store.class_names)})
         else:
-            q_codes, q_meta = searcher.codes_for_ids(ids)
-        dist, found = searcher.search(q_codes, int(k))
-        results = searcher.records(q_meta, dist, found, radius)
+            by_id = searcher.codes_for_ids(ids)
+            q_codes, q_meta, self_ids = by_id.codes, by_id.meta, by_id.self_ids
+        dist, found = searcher.search(q_codes, search_depth(k, exclude_self))
+        results = searcher.records(q_meta, dist, found, radius, k=int(k), self_ids=self_ids,
+                                   exclude_self=exclude_self)
     if grid is not None:
         write_grid(results, grid)
     return results
 
 
-def _assemble(q_meta, dist, found, db, radius) -> list[dict]:
+def _assemble(q_meta, dist, found, db, radius, k=None, self_ids=None, exclude_self=False) -> list[dict]:
     results = []
     # store rows of every neighbour at once (one lookup per call, not per query)
     all_rows = db.lookup.rows(found) if db is not None else np.full(np.shape(found), -1, np.int64)
     for qi, m in enumerate(q_meta):
         d, i, rows = dist[qi], found[qi], all_rows[qi]
+        own = int(self_ids[qi]) if self_ids is not None else -1
         keep = i >= 0
         if radius is not None:
             keep &= d <= radius
+        if own >= 0 and exclude_self:
+            keep &= i != own
         if not keep.all():
             d, i, rows = d[keep], i[keep], rows[keep]
-        # ties by database position (the store row), whatever order the index returned them in
+        if own >= 0 and not exclude_self and not (i == own).any():
+            # left out behind k exact copies that come before it in the database: it is at distance 0
+            # from its own code, so it goes first
+            d, i = np.concatenate([[0], d]), np.concatenate([[own], i])
+            rows = np.concatenate([db.lookup.rows(np.array([own], np.int64)), rows])
+        # ties by database position (the store row), whatever order the index returned them in; the
+        # query's own item first among its ties
         tie = np.where(rows >= 0, rows, i)
-        order = np.lexsort((tie, d))
+        order = np.lexsort((tie, i != own, d)) if own >= 0 else np.lexsort((tie, d))
+        if k is not None:
+            order = order[:k]
         d, i, rows = d[order].tolist(), i[order].tolist(), rows[order].tolist()
         paths = db.paths(rows) if db is not None else [None] * len(i)
         neighbours = []

@@ -408,6 +408,61 @@ def test_concurrent_searches_share_one_index_search(data, window_ms, max_batch, 
     assert "ghindex_queries_searched_total 26" in metrics
 
 
+def test_search_by_id_puts_the_item_first_or_leaves_it_out_like_query(client, data):
+    first_id = int(data["ids"][0])  # GONE_ID copies its code and is stored after it
+    for exclude_self in (False, True):
+        r = client.post("/api/search", json={"ids": [GONE_ID, first_id], "k": 4, "exclude_self": exclude_self})
+        assert r.status_code == 200, r.text
+        got = r.json()["results"]
+        assert got == roundtrip(query(data["index"], ids=[GONE_ID, first_id], k=4, exclude_self=exclude_self))
+        lists = [[n["id"] for n in res["neighbors"]] for res in got]
+        if exclude_self:
+            assert lists[0][0] == first_id and lists[1][0] == GONE_ID
+            assert GONE_ID not in lists[0] and first_id not in lists[1] and all(len(ids) == 4 for ids in lists)
+        else:
+            assert lists[0][:2] == [GONE_ID, first_id] and lists[1][:2] == [first_id, GONE_ID]
+    # codes are no items of the index: exclude_self changes nothing for them
+    hexed = client.post("/api/search", json={"codes": ["00000000"], "k": 3}).json()["results"]
+    assert client.post("/api/search", json={"codes": ["00000000"], "k": 3, "exclude_self": True}).json()["results"] == hexed
+    assert_error(client.post("/api/search", json={"ids": [7], "exclude_self": "yes"}), 400, "exclude_self must be")
+    assert "exclude_self" in client.get("/openapi.json").text
+
+
+def test_id_searches_look_up_codes_from_memory_once_per_batch(data):
+    app = create_app(data["index"], batch_window_ms=60)
+    searcher = app.state.service.searcher
+    searches = counting(searcher.index, "search")
+    lookups = counting(searcher, "codes_for_ids")
+    reads = []
+    original_read = searcher.store.read
+    searcher.store.read = lambda *args, **kwargs: reads.append(args) or original_read(*args, **kwargs)
+    ids = [int(i) for i in data["ids"][:16]]
+    requests = [dict(json={"ids": [i], "k": 5}) for i in ids[:12]] + \
+        [dict(json={"ids": [i], "k": 5, "exclude_self": True}) for i in ids[12:]]
+    responses = asyncio.run(concurrent_posts(app, requests))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    got = [r.json()["results"][0] for r in responses]
+    assert got == roundtrip(query(data["index"], ids=ids[:12], k=5) + query(data["index"], ids=ids[12:], k=5,
+                                                                              exclude_self=True))
+    assert sum(lookups) == 16 and len(lookups) == len(searches) < 16 / 2, (lookups, searches)
+    assert reads == []  # a flat index's codes, cached paths: no HDF5 read for any request
+
+
+def test_a_failed_id_lookup_answers_only_its_own_request(data):
+    from ghindex.errors import ConfigError
+    from ghindex.serve.service import SearchJob
+
+    app = create_app(data["index"])
+    service = app.state.service
+    good, bad = int(data["ids"][1]), 8  # 8: not stored (the parser answers 404 before a batch sees it)
+    out = service._search_batch([SearchJob(3, None, ids=[good]), SearchJob(3, None, ids=[good, bad]),
+                                 SearchJob(3, None, codes=np.zeros((1, 4), np.uint8), meta=[{"query": "zero",
+                                                                                            "query_label": None}])])
+    assert out[0] == query(data["index"], ids=[good], k=3)
+    assert isinstance(out[1], ConfigError) and "id 8 is not in code store" in str(out[1])
+    assert len(out[2][0]["neighbors"]) == 3
+
+
 def test_concurrent_uploads_share_one_encoder_call(data):
     app = create_app(data["index"], data["model"], batch_window_ms=60)
     searcher = app.state.service.searcher

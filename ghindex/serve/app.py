@@ -223,12 +223,12 @@ async def search_response(request: Request, service: Service) -> JSONResponse:
         # images (see batching); not to the search batcher: reading, decoding and encoding take far
         # longer than a search batch could wait, and the search follows the encoding at once
         with service.encode_batcher.expecting() as encode_ticket:
-            codes, meta, k, radius = await search_input_from_form(request, params, service, encode_ticket)
-        results = await service.search(codes, meta, k, radius)
+            job = await search_input_from_form(request, params, service, encode_ticket)
+        results = await service.search(job)
     else:
-        with service.search_batcher.expecting() as ticket:  # ids are looked up in a thread first
-            codes, meta, k, radius = await search_input_from_json(request, params, service)
-            results = await service.search(codes, meta, k, radius, ticket)
+        with service.search_batcher.expecting() as ticket:
+            job = await search_input_from_json(request, params, service)
+            results = await service.search(job, ticket)
     return JSONResponse({"results": results, "took_ms": round((time.perf_counter() - start) * 1000, 3)})
 
 

@@ -68,6 +68,10 @@ SEARCH_REQUEST = {
                               "description": "codes as hex: packed bytes, bit i = (byte[i >> 3] >> (i & 7)) & 1"},
                     "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
                     "radius": {"type": ["integer", "null"], "minimum": 0},
+                    "exclude_self": {"type": "boolean", "default": False,
+                                     "description": "leave each queried id's own item out of its neighbours "
+                                                    "(by default it comes first among its ties); ids only, "
+                                                    "ignored for codes"},
                 }}},
             "multipart/form-data": {"schema": {
                 "type": "object", "required": ["image"],

@@ -18,6 +18,7 @@ from starlette.datastructures import UploadFile
 
 from ..query import query_record
 from .responses import ApiError
+from .service import SearchJob
 
 if TYPE_CHECKING:
     from .service import Service
@@ -90,7 +91,7 @@ def _decode_upload(data: bytes, name: str):
 
 
 # --------------------------------------------------------------------------------- search inputs
-# Each returns (codes, query records, k, radius) for `Service.search`.
+# Each returns the `SearchJob` for `Service.search`.
 async def search_input_from_json(request: Request, params: dict, service: Service):
     body = await request.body()
     if not body.strip():
@@ -102,9 +103,12 @@ async def search_input_from_json(request: Request, params: dict, service: Servic
         raise bad_request(f"malformed JSON: {exc}" if isinstance(exc, ValueError) else "malformed JSON") from None
     if not isinstance(data, dict):
         raise bad_request('the JSON body must be an object such as {"ids": [3, 17], "k": 10}')
-    unknown = sorted(set(data) - {"ids", "codes", "k", "radius"})
+    unknown = sorted(set(data) - {"ids", "codes", "k", "radius", "exclude_self"})
     if unknown:
-        raise bad_request(f"unknown field {unknown[0][:40]!r} (expected ids or codes, and k, radius)")
+        raise bad_request(f"unknown field {unknown[0][:40]!r} (expected ids or codes, and k, radius, exclude_self)")
+    exclude_self = data.get("exclude_self", False)
+    if not isinstance(exclude_self, bool):
+        raise bad_request(f"exclude_self must be true or false, got {json.dumps(exclude_self)[:40]}")
     k, radius = _options([params, {n: data[n] for n in ("k", "radius") if n in data}])
     given = [name for name in ("ids", "codes") if name in data]
     if len(given) != 1:
@@ -122,9 +126,10 @@ async def search_input_from_json(request: Request, params: dict, service: Servic
         for i in ids:
             if service.searcher.row(i) < 0:
                 raise ApiError(404, unknown_id(i))
-        codes, meta = await anyio.to_thread.run_sync(service.searcher.codes_for_ids, ids)
-        return codes, meta, k, radius
-    return _hex_codes(values, service.index.code_bytes), [query_record(v) for v in values], k, radius
+        return SearchJob(k, radius, ids=ids, exclude_self=exclude_self)  # codes: looked up in the batch
+    # exclude_self applies to stored ids only: a code is no item of the index
+    return SearchJob(k, radius, codes=_hex_codes(values, service.index.code_bytes),
+                     meta=[query_record(v) for v in values])
 
 
 def _hex_codes(values: list, code_bytes: int) -> np.ndarray:
@@ -174,4 +179,4 @@ async def search_input_from_form(request: Request, params: dict, service: Servic
     finally:
         await form.close()
     codes = await service.encode(images, ticket)
-    return codes, [query_record(name) for name in names], k, radius
+    return SearchJob(k, radius, codes=codes, meta=[query_record(name) for name in names])

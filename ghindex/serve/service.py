@@ -1,7 +1,9 @@
 """The state of one running app: the `Searcher`, its micro-batchers, their worker threads and the metrics.
 
 FAISS, the exact scan and torch run in the executor's threads, never on the event loop; requests that
-come while a call runs share the next one (see `batching`).
+come while a call runs share the next one (see `batching`). Searches by id join the same batches as
+searches by code: a batch looks up the codes of all its ids at once, from memory
+(`ghindex.index.lookup`), and then makes one search.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from ..query import Searcher
+from ..query import Queries, Searcher, search_depth
 from .batching import MicroBatcher
 from .metrics import Metrics
 
@@ -26,10 +28,23 @@ SCAN_QUERIES_PER_THREAD = 8  #: a scan gets a thread per this many queries (see 
 
 @dataclass
 class SearchJob:
-    codes: np.ndarray  # (n, code_bytes) uint8
-    meta: list[dict]  # the query records
+    """One request's queries: codes (with their records), or stored ids, whose codes and records the
+    batch looks up (all ids of a batch in one call, from memory). `exclude_self`: ids only."""
+
     k: int
     radius: int | None
+    codes: np.ndarray | None = None  # (n, code_bytes) uint8
+    meta: list[dict] | None = None  # the query records of `codes`
+    ids: list[int] | None = None
+    exclude_self: bool = False
+
+    def __len__(self) -> int:
+        return len(self.ids) if self.ids is not None else len(self.codes)
+
+    @property
+    def depth(self) -> int:
+        """Neighbours its search asks for (jobs of one depth share a search)."""
+        return search_depth(self.k, self.exclude_self and self.ids is not None)
 
 
 class Service:
@@ -45,27 +60,59 @@ class Service:
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ghindex-serve")
         window = max(0.0, float(batch_window_ms)) / 1000.0
         self.search_batcher = MicroBatcher(
-            self._search_batch, window_s=window, max_size=max_batch, size=lambda job: len(job.codes),
-            key=lambda job: job.k, executor=self.executor, name="search",
+            self._search_batch, window_s=window, max_size=max_batch, size=len,
+            key=lambda job: job.depth, executor=self.executor, name="search",
             on_batch=self.metrics.observe_search_batch, announced=True)
         self.encode_batcher = MicroBatcher(
             self._encode_batch, window_s=window, max_size=min(max_batch, MAX_ENCODE_BATCH), size=len,
             executor=self.executor, name="encode", on_batch=self.metrics.observe_encode_batch, announced=True)
         self.searcher.cache_paths()
+        if self.searcher.codes_by_id is not None:
+            self.searcher.codes_by_id.prepare()
         self._thumbnail = functools.lru_cache(maxsize=512)(_thumbnail)
 
     # ---- work done in the executor, one call per micro-batch
     def _search_batch(self, jobs: list[SearchJob]) -> list:
-        codes = jobs[0].codes if len(jobs) == 1 else np.concatenate([job.codes for job in jobs])
-        dist, found = self.searcher.search(codes, jobs[0].k, threads=scan_threads(len(codes)))
-        out, start = [], 0
-        for job in jobs:
-            stop = start + len(job.codes)
+        out = self._queries(jobs)  # a failed lookup stays that request's answer
+        ready = [n for n, q in enumerate(out) if isinstance(q, Queries)]
+        if not ready:
+            return out
+        codes = np.concatenate([out[n].codes for n in ready]) if len(ready) > 1 else out[ready[0]].codes
+        dist, found = self.searcher.search(codes, jobs[0].depth, threads=scan_threads(len(codes)))
+        start = 0
+        for n in ready:
+            job, q = jobs[n], out[n]
+            stop = start + len(q.codes)
             try:
-                out.append(self.searcher.records(job.meta, dist[start:stop], found[start:stop], job.radius))
+                out[n] = self.searcher.records(q.meta, dist[start:stop], found[start:stop], job.radius, k=job.k,
+                                               self_ids=q.self_ids, exclude_self=job.exclude_self)
             except Exception as exc:  # noqa: BLE001 - this request's error only
-                out.append(exc)
+                out[n] = exc
             start = stop
+        return out
+
+    def _queries(self, jobs: list[SearchJob]) -> list:
+        """Each job's `Queries`, or the exception that is its answer: the ids of every job by id are
+        looked up in one call (from memory, see `Searcher.codes_for_ids`)."""
+        out: list = [Queries(job.codes, job.meta) if job.ids is None else None for job in jobs]
+        by_id = [n for n, job in enumerate(jobs) if job.ids is not None]
+        if not by_id:
+            return out
+        try:
+            every = self.searcher.codes_for_ids([i for n in by_id for i in jobs[n].ids])
+        except Exception:  # noqa: BLE001 - one request's ids failed: look each request's up alone
+            every = None
+        start = 0
+        for n in by_id:
+            if every is not None:
+                part = slice(start, start + len(jobs[n].ids))
+                out[n] = Queries(every.codes[part], every.meta[part], every.self_ids[part])
+                start = part.stop
+                continue
+            try:
+                out[n] = self.searcher.codes_for_ids(jobs[n].ids)
+            except Exception as exc:  # noqa: BLE001 - this request's error only
+                out[n] = exc
         return out
 
     def _encode_batch(self, image_lists: list[list]) -> list[np.ndarray]:
@@ -78,9 +125,8 @@ class Service:
         return out
 
     # ---- what handlers call
-    async def search(self, codes: np.ndarray, meta: list[dict], k: int, radius: int | None,
-                     ticket=None) -> list[dict]:
-        return await self.search_batcher.submit(SearchJob(codes, meta, k, radius), ticket)
+    async def search(self, job: SearchJob, ticket=None) -> list[dict]:
+        return await self.search_batcher.submit(job, ticket)
 
     async def encode(self, images: list, ticket=None) -> np.ndarray:
         return await self.encode_batcher.submit(images, ticket)
