@@ -1,10 +1,10 @@
 """`ghindex serve` under load: micro-batched serving side by side with one-at-a-time serving.
 
     .venv/bin/python benchmarks/bench_serve.py [--n 1000000] [--requests 2000] [--memory-requests 20000]
-        [--concurrency 1,8,32] [--demo demo-out] [--json results.json]
+        [--concurrency 1,8,32] [--demo demo-out] [--phases codes,images,wrk] [--json results.json]
 
 Every request goes to 127.0.0.1 only, from loops bounded in count (--requests, --memory-requests) and
-in time (--max-seconds per phase, --timeout per request).
+in time (--max-seconds per phase, --timeout per request, --wrk-seconds per wrk run).
 
 1. Index: --n random 64-bit codes (seeded) in a code store and a flat index (BFlat), in --work
    (reused when it already holds the same N).
@@ -20,10 +20,14 @@ in time (--max-seconds per phase, --timeout per request).
 5. Image queries with the demo model (--demo: the folder `make demo` writes, with index/ and model.ghm):
    uploads of the shipped query images (multipart, field `image`, k=10) at concurrency 1 and 8, in
    both modes.
+6. wrk (a C load generator, `apt-get install wrk`; the phase is skipped without it), batched mode:
+   code queries and id queries (one random code / one random stored id per request, k=10) at each
+   of --wrk-connections (1 and 32) for --wrk-seconds each; queries/s, p50/p99, and the ratios 32 / 1
+   connections. Issue 23's bar: id searches at 32 connections >= 2x one connection.
 
-The client is asyncio (on uvloop when installed) with hand-written HTTP/1.1 (much cheaper than an
-HTTP library) in this process: on a 2-core machine it competes with the server for the CPU, like any
-local load generator.
+Phases 3-5's client is asyncio (on uvloop when installed) with hand-written HTTP/1.1 (much cheaper
+than an HTTP library) in this process: on a 2-core machine it competes with the server for the CPU,
+like any local load generator (wrk too).
 Print a table; --json also writes every number with the machine, date and load average.
 """
 from __future__ import annotations
@@ -35,6 +39,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,6 +227,117 @@ def image_bodies(folder: Path, limit: int = 64) -> list[tuple[bytes, str]]:
     return out
 
 
+# ------------------------------------------------------------------------------------------- wrk
+#: wrk script: POSTs the bodies of BODIES.lua in turn (each thread from its own offset, requests made
+#: once in `init`), and writes its summary as one JSON line at the end.
+WRK_SCRIPT = r"""
+local bodies = dofile(os.getenv("GHINDEX_WRK_BODIES"))
+local requests, next_one = {}, 1
+local thread_count = 0
+
+function setup(thread)
+  thread_count = thread_count + 1
+  thread:set("offset", thread_count * 7919)
+end
+
+function init(args)
+  for i, body in ipairs(bodies) do
+    requests[i] = wrk.format("POST", "/api/search", {["Content-Type"] = "application/json"}, body)
+  end
+  next_one = (offset or 0) % #requests + 1
+end
+
+function request()
+  local r = requests[next_one]
+  next_one = next_one % #requests + 1
+  return r
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'GHINDEX_WRK {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d, ' ..
+    '"status": %d, "timeout": %d, "p50_us": %d, "p99_us": %d}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def lua_bodies(path: Path, bodies: list[str]) -> Path:
+    """A Lua file returning the request bodies (JSON text) as a table of strings."""
+    path.write_text("return {\n" + "".join(f"  {json.dumps(b)},\n" for b in bodies) + "}\n")
+    return path
+
+
+def run_wrk(port: int, bodies_file: Path, script: Path, connections: int, seconds: float, threads: int) -> dict:
+    """One wrk run against POST /api/search on 127.0.0.1; bounded by `seconds` (and a kill after)."""
+    threads = max(1, min(threads, connections))
+    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
+           "--timeout", "10s", "-s", str(script), f"http://127.0.0.1:{port}/api/search"]
+    env = dict(os.environ, GHINDEX_WRK_BODIES=str(bodies_file))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=seconds + 60)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("GHINDEX_WRK ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    r = json.loads(line.split(" ", 1)[1])
+    elapsed = r["duration_us"] / 1e6
+    failed = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+    answered = r["requests"] - r["status"]  # wrk counts a non-2xx answer in requests too
+    return {"connections": connections, "threads": threads, "requests": r["requests"], "failed": failed,
+            "seconds": round(elapsed, 3), "per_second": round(answered / elapsed, 1) if elapsed else 0.0,
+            "p50_ms": round(r["p50_us"] / 1000, 2), "p99_ms": round(r["p99_us"] / 1000, 2)}
+
+
+def wrk_phase(index: Path, n: int, args) -> dict:
+    """Code and id queries with wrk at each of --wrk-connections, on one batched server."""
+    rng = np.random.default_rng(2)
+    pool = args.wrk_pool
+    kinds = {
+        "codes": [json.dumps({"codes": [c.tobytes().hex()], "k": 10})
+                  for c in rng.integers(0, 256, (pool, 8), dtype=np.uint8)],
+        "ids": [json.dumps({"ids": [int(i)], "k": 10}) for i in rng.integers(0, n, pool)],  # ids 0..n-1
+    }
+    connections = [int(c) for c in args.wrk_connections.split(",")]
+    out: dict = {"connections": connections, "seconds": args.wrk_seconds, "rows": {}}
+    with tempfile.TemporaryDirectory(prefix="ghindex-wrk-") as tmp:
+        script = Path(tmp) / "post.lua"
+        script.write_text(WRK_SCRIPT)
+        server = Server(index, MODES["batched"], gpu=args.gpu)
+        try:
+            print(f"{'queries':<8} {'conn':>4} {'requests':>9} {'queries/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
+                  f"{'failed':>6}")
+            for kind, bodies in kinds.items():
+                bodies_file = lua_bodies(Path(tmp) / f"{kind}.lua", bodies)
+                run_wrk(server.port, bodies_file, script, max(connections), 1, args.wrk_threads)  # warm-up
+                out["rows"][kind] = []
+                for c in connections:
+                    r = run_wrk(server.port, bodies_file, script, c, args.wrk_seconds, args.wrk_threads)
+                    out["rows"][kind].append(r)
+                    print(f"{kind:<8} {c:>4} {r['requests']:>9,} {r['per_second']:>10,.1f} {r['p50_ms']:>8.2f} "
+                          f"{r['p99_ms']:>8.2f} {r['failed']:>6}", flush=True)
+        finally:
+            server.stop()
+    low, high = min(connections), max(connections)
+    ratios = {}
+    for kind, rows in out["rows"].items():
+        by = {r["connections"]: r["per_second"] for r in rows}
+        if low != high:
+            ratios[f"{kind}_{high}_over_{low}"] = round(by[high] / max(by[low], 1e-9), 2)
+            print(f"{kind}: {high} / {low} connections: {ratios[f'{kind}_{high}_over_{low}']:.2f}x queries/s")
+    for c in connections:
+        codes = next(r["per_second"] for r in out["rows"]["codes"] if r["connections"] == c)
+        ids = next(r["per_second"] for r in out["rows"]["ids"] if r["connections"] == c)
+        ratios[f"ids_over_codes_at_{c}"] = round(ids / max(codes, 1e-9), 2)
+        print(f"ids / codes at {c} connection(s): {ratios[f'ids_over_codes_at_{c}']:.2f}x")
+    out["ratios"] = ratios
+    if low != high:
+        met = ratios[f"ids_{high}_over_{low}"] >= 2
+        out["bar_ids_scale_2x"] = met
+        print(f"bar (issue 23): id searches at {high} connections >= 2x {low}: {'met' if met else 'NOT met'}")
+    return out
+
+
 # ------------------------------------------------------------------------------------------ main
 def row(mode: str, r: dict) -> str:
     return (f"{mode:<14} {r['concurrency']:>4} {r['answered']:>8,} {r['per_second']:>10,.1f} {r['p50_ms']:>8.2f} "
@@ -272,44 +388,61 @@ def main() -> None:
     p.add_argument("--max-seconds", type=float, default=300, help="time limit of each load phase")
     p.add_argument("--timeout", type=float, default=30, help="time limit of one request")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--phases", default="codes,images,wrk",
+                   help="comma-separated: codes (Python client, both modes, memory), images, wrk")
+    p.add_argument("--wrk-connections", default="1,32", help="wrk connections, comma-separated")
+    p.add_argument("--wrk-seconds", type=float, default=10, help="length of each wrk run")
+    p.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (at most the connections)")
+    p.add_argument("--wrk-pool", type=int, default=4096, help="distinct request bodies wrk cycles through")
     args = p.parse_args()
+    phases = set(args.phases.split(","))
+    if phases - {"codes", "images", "wrk"}:
+        p.error(f"unknown phase(s): {', '.join(sorted(phases - {'codes', 'images', 'wrk'}))}")
     concurrency = [int(c) for c in args.concurrency.split(",")]
     image_concurrency = [int(c) for c in args.image_concurrency.split(",")]
 
     results: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": platform.platform(), "cpus": os.cpu_count(),
         "load_average_before": os.getloadavg(), "n": args.n, "requests": args.requests, "gpu": args.gpu,
-        "codes": {}, "memory": None, "images": {},
+        "codes": {}, "memory": None, "images": {}, "wrk": None,
     }
     print(f"{results['date']}  {platform.node()}  {os.cpu_count()} CPUs  load {os.getloadavg()[0]:.2f}")
     t = time.perf_counter()
     index = make_index(args.work, args.n)
     print(f"index: {args.n:,} random 64-bit codes, BFlat ({index}; {time.perf_counter() - t:.1f} s)\n")
-    bodies = code_bodies(4096)
+    if "codes" in phases:
+        bodies = code_bodies(4096)
+        print(f"code queries, k=10, {args.requests:,} requests per row")
+        print(HEADER)
+        results["codes"], results["memory"] = run_modes(index, None, bodies, concurrency, args.requests, args,
+                                                        memory_requests=args.memory_requests)
+        top = max(concurrency)
+        by = {m: {r["concurrency"]: r for r in rows} for m, rows in results["codes"].items()}
+        if top in by.get("batched", {}) and top in by.get("one-at-a-time", {}):
+            ratio = by["batched"][top]["per_second"] / max(by["one-at-a-time"][top]["per_second"], 1e-9)
+            results["speedup_at_top_concurrency"] = round(ratio, 2)
+            print(f"batched / one-at-a-time at {top} connections: {ratio:.2f}x queries/s")
+        if results["memory"]:
+            m = results["memory"]
+            print(f"memory (batched): RSS {m['rss_before_mb']:.1f} MB -> {m['rss_after_mb']:.1f} MB after "
+                  f"{m['answered']:,} more requests ({m['growth_mb']:+.1f} MB), {m['failed']} failed")
 
-    print(f"code queries, k=10, {args.requests:,} requests per row")
-    print(HEADER)
-    results["codes"], results["memory"] = run_modes(index, None, bodies, concurrency, args.requests, args,
-                                                    memory_requests=args.memory_requests)
-    top = max(concurrency)
-    by = {m: {r["concurrency"]: r for r in rows} for m, rows in results["codes"].items()}
-    if top in by.get("batched", {}) and top in by.get("one-at-a-time", {}):
-        ratio = by["batched"][top]["per_second"] / max(by["one-at-a-time"][top]["per_second"], 1e-9)
-        results["speedup_at_top_concurrency"] = round(ratio, 2)
-        print(f"batched / one-at-a-time at {top} connections: {ratio:.2f}x queries/s")
-    if results["memory"]:
-        m = results["memory"]
-        print(f"memory (batched): RSS {m['rss_before_mb']:.1f} MB -> {m['rss_after_mb']:.1f} MB after "
-              f"{m['answered']:,} more requests ({m['growth_mb']:+.1f} MB), {m['failed']} failed")
+    if "images" in phases:
+        model, demo_index = args.demo / "model.ghm", args.demo / "index"
+        if model.is_file() and (demo_index / "meta.json").is_file():
+            images = image_bodies(args.images)
+            print(f"\nimage queries with the demo model ({demo_index}), k=10, {args.image_requests:,} uploads per row")
+            print(HEADER.replace("queries/s", " images/s"))
+            results["images"], _ = run_modes(demo_index, model, images, image_concurrency, args.image_requests, args)
+        else:
+            print(f"\nimage queries skipped: no {model} and {demo_index} (run `make demo`, or pass --demo DIR)")
 
-    model, demo_index = args.demo / "model.ghm", args.demo / "index"
-    if model.is_file() and (demo_index / "meta.json").is_file():
-        images = image_bodies(args.images)
-        print(f"\nimage queries with the demo model ({demo_index}), k=10, {args.image_requests:,} uploads per row")
-        print(HEADER.replace("queries/s", " images/s"))
-        results["images"], _ = run_modes(demo_index, model, images, image_concurrency, args.image_requests, args)
-    else:
-        print(f"\nimage queries skipped: no {model} and {demo_index} (run `make demo`, or pass --demo DIR)")
+    if "wrk" in phases:
+        if shutil.which("wrk"):
+            print(f"\nwrk: code and id queries, k=10, batched server, {args.wrk_seconds:g} s per row")
+            results["wrk"] = wrk_phase(index, args.n, args)
+        else:
+            print("\nwrk phase skipped: wrk is not installed (apt-get install wrk)")
     results["load_average_after"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
