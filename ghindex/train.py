@@ -20,7 +20,7 @@ the training set in eval mode and their features cached; every epoch then only t
 
 Defaults: every setting left as None comes from `PRESETS[preset]` for the kind of run (unsupervised,
 supervised with a frozen backbone, supervised fine-tuning): ``default`` holds the settings chosen by
-measurement on CIFAR-10 (benchmarks/RESULTS.md, "Training defaults"), ``paper`` GreedyHash's published
+measurement on CIFAR-10 (benchmarks/RESULTS.md, "Training: ..." sections), ``paper`` GreedyHash's published
 ones. Images default to the efficientnet_b0 backbone with its ImageNet weights.
 
 Held-out progress and model selection: a seeded slice of the training items (`val_fraction`, at most
@@ -252,8 +252,8 @@ class _TrainingRun(TrainingState):
                 # the first layer (W s, -W s mean), and the saved model reads raw features like any other
                 # and gives the codes training saw. The target: raw cosines shifted so that the average
                 # pair's is 0 (`cosine_preservation_loss`); on CIFAR-10 it did at least as well as the centred
-                # features' cosines wherever both ran (+0.000 to +0.022; RESULTS.md, "Unsupervised defaults,
-                # round 2").
+                # features' cosines wherever both ran (+0.000 to +0.022; RESULTS.md, "Training:
+                # unsupervised").
                 self.feature_mean, centred_square, self.target_shift = _feature_stats(cached)
                 self.feature_scale = math.sqrt(cached.shape[1] / max(centred_square, 1e-30))
                 if self.target_shift > MAX_TARGET_SHIFT:

@@ -19,7 +19,7 @@ from .hashing import check_bits
 # What `train` fills in for settings left as None, per preset and kind of run ("unsupervised",
 # "frozen": supervised on a frozen backbone, "finetune": supervised through the whole network).
 # "default": chosen on a validation split of CIFAR-10's training set (benchmarks/bench_defaults.py,
-# RESULTS.md "Training defaults"); "paper": GreedyHash's CIFAR settings as its authors' code runs them
+# RESULTS.md "Training: ..." sections); "paper": GreedyHash's CIFAR settings as its authors' code runs them
 # (Su et al. 2018; cifar1.py: 50 epochs, lr x0.1 after 30; unsupervised_vgg.py: 60 epochs, constant lr).
 # lr_step, where a preset names it, replaces the usual single drop after 60% of the epochs.
 _SGD = dict(alpha=0.1, center=True, init="random", hash_hidden=0, balance=0.0, batch_size=32,
@@ -27,11 +27,11 @@ _SGD = dict(alpha=0.1, center=True, init="random", hash_hidden=0, balance=0.0, b
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
         # a ReLU layer of 1,024 before the hash layer, which needs the larger lr, and the bit balance
-        # penalty, without which that layer left bits constant (RESULTS.md, "Unsupervised defaults, round 2")
+        # penalty, without which that layer left bits constant (RESULTS.md, "Training: unsupervised")
         "unsupervised": {**_SGD, "lr": 0.3, "alpha": 0.3, "hash_hidden": 1024, "balance": 1.0, "epochs": 20,
                          "batch_size": 256},
         "frozen": {**_SGD, "lr": 1e-3, "epochs": 30},
-        # one lr for every layer: backbone layers at lr x 0.1 lost 0.12 mAP (RESULTS.md, issue 14 on the H200)
+        # one lr for every layer: backbone layers at lr x 0.1 lost 0.12 mAP (RESULTS.md, "Fine-tuned backbone on a GPU")
         "finetune": {**_SGD, "lr": 1e-3, "epochs": 50},
     },
     "paper": {
