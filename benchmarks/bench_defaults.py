@@ -299,7 +299,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="extract: where the network runs")
     parser.add_argument("--workers", type=int, default=1, help="extract: image decoding processes")
     parser.add_argument("--chunk", type=int, default=2000, help="extract: images per resumable chunk")
-    parser.add_argument("--stage", default="A")
+    parser.add_argument("--stage", default="default", choices=list(STAGES), help="select, test: the settings to run")
     parser.add_argument("--extractors", nargs="+", default=list(EXTRACTORS))
     parser.add_argument("--bits", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--out", default=None, help="select, test, supervised: JSON lines file the rows are "
