@@ -16,7 +16,7 @@ from importlib import resources
 
 import anyio
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
@@ -28,16 +28,20 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .middleware import RequestGuard
 from .openapi import (
     ERROR_RESPONSES,
-    SEARCH_REQUEST,
     Error,
     Health,
+    Info,
     Item,
+    Sample,
     SearchResponse,
+    contract_schema,
+    search_request,
 )
 from .parsing import (
     MAX_IMAGES,
     MAX_K,
     MAX_QUERIES,
+    MAX_SAMPLE,
     bad_request,
     query_params,
     search_input_from_form,
@@ -89,6 +93,7 @@ def create_app(index, model=None, *, token: str | None = None, max_upload: int =
     )
     app.state.service = service
     app.router.redirect_slashes = False  # /api/health/ is not found rather than redirected (to a Host header)
+    app.openapi = lambda: contract_schema(app, token=service.token is not None)
 
     # ---- errors: always {"error": "..."}
     @app.exception_handler(HTTPException)
@@ -117,12 +122,13 @@ def create_app(index, model=None, *, token: str | None = None, max_upload: int =
         idx = service.index
         return JSONResponse({"status": "ok", "ntotal": idx.ntotal, "bits": idx.bits, "index_key": idx.index_key})
 
-    @app.get("/api/info", response_model=None, responses=ERROR_RESPONSES)
+    @app.get("/api/info", response_model=None, responses={200: {"model": Info}, **ERROR_RESPONSES})
     async def info():
         """The index's metadata, its code store, the model summary (null without --model) and the limits."""
         return JSONResponse(_info(service))
 
-    @app.post("/api/search", response_model=None, openapi_extra=SEARCH_REQUEST,
+    @app.post("/api/search", response_model=None,
+              openapi_extra=search_request(service.index.code_bytes, service.searcher.encoder is not None, max_upload),
               responses={200: {"model": SearchResponse}, **ERROR_RESPONSES,
                          404: {"model": Error, "description": "unknown id"},
                          413: {"model": Error, "description": "body over --max-upload"}})
@@ -161,11 +167,11 @@ def create_app(index, model=None, *, token: str | None = None, max_upload: int =
             raise ApiError(404, f"the image of id {item_id} cannot be read on the server") from None
         return Response(data, media_type=media_type, headers={"cache-control": "private, max-age=3600"})
 
-    @app.get("/api/sample", response_model=None, responses=ERROR_RESPONSES)
-    async def sample(n: int = 1):
+    @app.get("/api/sample", response_model=None, responses={200: {"model": Sample}, **ERROR_RESPONSES})
+    async def sample(n: int = Query(1, json_schema_extra={"minimum": 1, "maximum": MAX_SAMPLE})):
         """n ids of the code store drawn at random (the page's "Random image"): {"ids": [...]}."""
-        if not 1 <= n <= 100:
-            raise bad_request(f"n must be between 1 and 100, got {n}")
+        if not 1 <= n <= MAX_SAMPLE:  # checked here, not by FastAPI, for this server's message
+            raise bad_request(f"n must be between 1 and {MAX_SAMPLE}, got {n}")
         ids = service.searcher.stored_ids()
         picked = _rng.choice(ids, size=min(n, len(ids)), replace=False) if len(ids) else ids
         return JSONResponse({"ids": [int(i) for i in picked]})

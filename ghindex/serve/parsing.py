@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 MAX_K = 1000  #: neighbours per query
 MAX_QUERIES = 1000  #: ids or codes in one request
 MAX_IMAGES = 64  #: files in one request
+MAX_RADIUS = 1 << 16  #: largest radius taken (far above any code length)
+MAX_SAMPLE = 100  #: ids per GET /api/sample
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -61,7 +64,16 @@ def _options(sources: list[dict[str, Any]]) -> tuple[int, int | None]:
             found[name] = value
     k = _int_value("k", found["k"], 1, MAX_K) if found.get("k") is not None else 10
     radius = found.get("radius")
-    return k, (None if radius is None or radius == "" else _int_value("radius", radius, 0, 1 << 16))
+    return k, (None if radius is None or radius == "" else _int_value("radius", radius, 0, MAX_RADIUS))
+
+
+def _json_number(text: str) -> int | float:
+    """A JSON number written with a fraction or exponent ("10.0", "1e3"): an int when its value is whole
+    (JSON Schema's "integer", as the schema's k, radius and ids are), else a float."""
+    value = Decimal(text)
+    if value.adjusted() < 40 and value == value.to_integral_value():  # < 10**40: past any int64 id
+        return int(value)
+    return float(text)
 
 
 def query_params(request: Request) -> dict[str, str]:
@@ -98,7 +110,7 @@ async def search_input_from_json(request: Request, params: dict, service: Servic
         raise bad_request('send a JSON body such as {"ids": [3, 17]} or {"codes": ["0f1e..."]}, '
                           "or a multipart form with image files in the field 'image'")
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_float=_json_number)
     except (ValueError, RecursionError) as exc:
         raise bad_request(f"malformed JSON: {exc}" if isinstance(exc, ValueError) else "malformed JSON") from None
     if not isinstance(data, dict):
@@ -109,6 +121,9 @@ async def search_input_from_json(request: Request, params: dict, service: Servic
     exclude_self = data.get("exclude_self", False)
     if not isinstance(exclude_self, bool):
         raise bad_request(f"exclude_self must be true or false, got {json.dumps(exclude_self)[:40]}")
+    for name in ("k", "radius"):  # text ("5", "") only where text is all there is: query string, form
+        if isinstance(data.get(name), str):
+            raise bad_request(f"{name} must be an integer, got {json.dumps(data[name])[:40]}")
     k, radius = _options([params, {n: data[n] for n in ("k", "radius") if n in data}])
     given = [name for name in ("ids", "codes") if name in data]
     if len(given) != 1:
