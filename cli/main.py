@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "serve": "serve:serve",
     "add": "add:add",
     "remove": "remove:remove",
+    "dedup": "dedup:dedup",
 }
 
 
