@@ -482,3 +482,107 @@ def test_numpy_api_needs_nothing_else():
     codes = np.array([[1, 0], [1, 0], [3, 0], [200, 7]], np.uint8)
     assert find_groups(codes, 0) == [{"ids": [0, 1], "kept": [0], "pairs": [[0, 1, 0]], "diameter": 0}]
     assert [g["ids"] for g in find_groups(codes, 1)] == [[0, 1, 2]]
+
+
+# -- the review page's API (`ghindex serve --duplicates`) ---------------------------------------------
+DEMO = Path(__file__).resolve().parents[1] / "data" / "cifar10-demo"
+
+
+def make_duplicates_index(folder: Path) -> dict:
+    """30 demo images with chosen 32-bit codes: a group of 4 (copies within 2 bits of the first), a chain
+    of 3 (2 bits a step), an exact pair, one whose image file is gone; the rest far apart. Their code
+    store (ids 100, 101, ...), a flat index and `ghindex dedup --radius 2 --format jsonl` of it."""
+    from ghindex.index import build
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [str(p) for c in sorted(DEMO.joinpath("database").iterdir()) for p in sorted(c.glob("*.jpg"))[:3]]
+    paths[-1] = str(folder / "gone.jpg")
+    rng = np.random.default_rng(11)
+    codes = rng.integers(0, 256, (len(paths), 4), dtype=np.uint8)
+    codes[1] = codes[0] ^ np.array([1, 0, 0, 0], np.uint8)
+    codes[2] = codes[0] ^ np.array([0, 3, 0, 0], np.uint8)
+    codes[3] = codes[0]
+    codes[4] = codes[5] ^ np.array([0, 0, 3, 0], np.uint8)  # chain 4 - 5 - 6
+    codes[6] = codes[5] ^ np.array([0, 0, 0, 3], np.uint8)
+    codes[8] = codes[7]
+    codes[29] = codes[9]  # the image that is gone, and a copy
+    ids = np.arange(len(paths)) + 100
+    store = write_store(folder / "db.h5", codes, ids=ids, paths=paths)
+    build(store, folder / "index", index_key="BFlat", gpu="off")
+    dedup(store, radius=2, fmt="jsonl", out=folder / "groups.jsonl")
+    return {"index": folder / "index", "store": store, "ids": ids, "codes": codes, "paths": paths,
+            "jsonl": folder / "groups.jsonl", "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install '.[serve]'")
+    data = make_duplicates_index(tmp_path_factory.mktemp("dedup-serve"))
+    groups = find_groups(data["codes"], 2)
+    assert [len(g["ids"]) for g in groups] == [4, 3, 2, 2] and any(g["diameter"] == 4 for g in groups)
+    return data
+
+
+def client_for(data, jsonl, **options):
+    import warnings
+
+    from ghindex.serve import create_app
+    from ghindex.serve.duplicates import add_duplicates
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    app = create_app(data["index"], **options)
+    add_duplicates(app, jsonl)
+    return TestClient(app)
+
+
+def test_duplicates_api_pages_the_groups_largest_first(served):
+    jsonl = served["jsonl"]
+    groups = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    with client_for(served, jsonl) as client:
+        first = client.get("/api/duplicates", params={"limit": 1}).json()
+        assert first["total"] == len(groups) and first["file"] == "groups.jsonl"
+        assert first["items"] == sum(len(g["ids"]) for g in groups)
+        everything = client.get("/api/duplicates", params={"limit": 200}).json()["groups"]
+        assert [g["ids"] for g in everything] == [g["ids"] for g in groups]
+        assert [g["size"] for g in everything] == sorted((g["size"] for g in everything), reverse=True)
+        assert everything[0] == first["groups"][0]
+        assert client.get("/api/duplicates", params={"offset": 1, "limit": 1}).json()["groups"] == everything[1:2]
+        for g, want in zip(everything, groups):
+            assert g["pairs"] == want["pairs"] and g["kept"] == want["kept"] and g["missing"] == []
+        # every member's image comes from the search page's route, by id
+        assert client.get(f"/api/items/{everything[0]['ids'][0]}/image").status_code == 200
+        for params in ({"limit": 0}, {"limit": 201}, {"offset": -1}):
+            response = client.get("/api/duplicates", params=params)
+            assert response.status_code == 400 and "error" in response.json()
+        page = client.get("/duplicates")
+        assert page.status_code == 200 and "duplicates.js" in page.text
+        assert client.get("/static/duplicates.js").status_code == 200
+        assert client.get("/static/duplicates.css").status_code == 200
+        assert "/api/duplicates" in client.get("/openapi.json").json()["paths"]
+
+
+def test_duplicates_api_marks_ids_the_index_lacks_and_needs_the_token(served, tmp_path):
+    known = int(served["ids"][0])
+    jsonl = tmp_path / "against.jsonl"
+    jsonl.write_text(json.dumps({"group": 1, "size": 2, "ids": [123456], "other_ids": [known],
+                                 "pairs": [[123456, known, 1]]}) + "\n")
+    with client_for(served, jsonl, token="sesame") as client:
+        assert client.get("/api/duplicates").status_code == 401
+        body = client.get("/api/duplicates", headers={"Authorization": "Bearer sesame"}).json()
+        (group,) = body["groups"]
+        assert group["missing"] == [123456] and group["other_ids"] == [known] and group["kept"] is None
+        assert client.get("/duplicates").status_code == 200  # the page itself asks for the token
+
+
+def test_duplicates_file_errors(served, tmp_path):
+    from ghindex.serve import create_app
+    from ghindex.serve.duplicates import add_duplicates
+
+    app = create_app(served["index"])
+    with pytest.raises(ConfigError, match="not found"):
+        add_duplicates(app, tmp_path / "nope.jsonl")
+    (tmp_path / "bad.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(ConfigError, match="bad.jsonl:1"):
+        add_duplicates(app, tmp_path / "bad.jsonl")
