@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .dedup_kernels import join_kernel
+from .dedup_kernels import join_kernel, radix_argsort
 from .errors import ConfigError
 
 METHODS = ("auto", "mih", "scan")
@@ -247,10 +247,10 @@ def _check_radius(radius, bits: int) -> int:
     return int(radius)
 
 
-def _buckets(keys: np.ndarray, min_size: int = 2):
-    """Rows sorted by key, and the (start, size) of each run of equal keys of at least `min_size`."""
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
+def _buckets(keys: np.ndarray, nbits: int, min_size: int = 2):
+    """Rows sorted by key (`nbits` bits), and the (start, size) of each run of equal keys of at least
+    `min_size`."""
+    order, sorted_keys = radix_argsort(keys, nbits)
     edges = np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1
     starts = np.concatenate([[0], edges]).astype(np.int64)
     sizes = np.diff(np.concatenate([starts, [len(keys)]])).astype(np.int64)
@@ -319,7 +319,7 @@ def pairs(X: np.ndarray, bits: int, radius: int, *, method: str = "auto", thread
         for s, (lo, hi) in enumerate(substrings(bits, p.substrings)):
             if bar is not None:
                 bar.set_description(f"dedup mih {s + 1}/{p.substrings}")
-            order, _, starts, sizes = _buckets(substring_keys(X, lo, hi))
+            order, _, starts, sizes = _buckets(substring_keys(X, lo, hi), hi - lo)
             if not len(sizes):
                 continue
             rows = _gather(order, starts, sizes)
@@ -368,8 +368,8 @@ def cross_pairs(X: np.ndarray, Y: np.ndarray, bits: int, radius: int, *, method:
         for s, (lo, hi) in enumerate(substrings(bits, p.substrings)):
             if bar is not None:
                 bar.set_description(f"dedup mih {s + 1}/{p.substrings}")
-            order_x, keys_x, starts_x, sizes_x = _buckets(substring_keys(X, lo, hi), 1)
-            order_y, keys_y, starts_y, sizes_y = _buckets(substring_keys(Y, lo, hi), 1)
+            order_x, keys_x, starts_x, sizes_x = _buckets(substring_keys(X, lo, hi), hi - lo, 1)
+            order_y, keys_y, starts_y, sizes_y = _buckets(substring_keys(Y, lo, hi), hi - lo, 1)
             _, ix, iy = np.intersect1d(keys_x[starts_x], keys_y[starts_y], assume_unique=True, return_indices=True)
             if not len(ix):
                 continue

@@ -11,6 +11,7 @@ in `ghindex.flatscan_kernels`' generic kernel).
   ``BLOCK`` columns, a chunk of ``CHUNK`` columns at a time (it stays in L2 while the tiles go over
   it). A block whose smallest distance is above the radius costs only its distances
   (kept as running minima, not stored); the rare other blocks are gone over again pair by pair.
+- `radix_argsort`: the order of the substring keys (multi-index hashing's buckets).
 - `components`: union-find over pairs (connected components).
 - `greedy_keep`: the members kept by `ghindex dedup --keep` (see `ghindex.dedup`).
 - `diameters`: the largest distance between any two members of each group.
@@ -112,6 +113,23 @@ def _first_agreement(xi, ni, xj, nj, nw, i, j, sub, masks):
     return False
 
 
+@numba.njit(inline="always")
+def _emit(count, out_i, out_j, out_d, i, j, d):
+    """Append pair (i, j, d), doubling the output arrays when full."""
+    if count == len(out_i):
+        grown_i = np.empty(2 * count, np.int64)
+        grown_j = np.empty(2 * count, np.int64)
+        grown_d = np.empty(2 * count, np.int32)
+        grown_i[:count] = out_i[:count]
+        grown_j[:count] = out_j[:count]
+        grown_d[:count] = out_d[:count]
+        out_i, out_j, out_d = grown_i, grown_j, grown_d
+    out_i[count] = i
+    out_j[count] = j
+    out_d[count] = d
+    return count + 1, out_i, out_j, out_d
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def join_kernel(xi, ni, xj, nj, nw, tasks, radius, sub, masks):
     """Pairs (i, j, distance) with distance <= `radius` over `tasks` (K, 5) int64 rows
@@ -120,10 +138,9 @@ def join_kernel(xi, ni, xj, nj, nw, tasks, radius, sub, masks):
     np.uint8)`), only j > i when `triangle` (then xi is xj). `sub` >= 0: the bucket pass of substring
     `sub` (masks (m, nw)): a pair is kept only where `sub` is the first substring it agrees on.
     Returns (i int64, j int64, distance int32), task by task."""
-    cap = 1024
-    out_i = np.empty(cap, np.int64)
-    out_j = np.empty(cap, np.int64)
-    out_d = np.empty(cap, np.int32)
+    out_i = np.empty(1024, np.int64)
+    out_j = np.empty(1024, np.int64)
+    out_d = np.empty(1024, np.int32)
     count = 0
     dist = np.empty((TILE, BLOCK), np.int32)
     for k in range(tasks.shape[0]):
@@ -139,32 +156,65 @@ def join_kernel(xi, ni, xj, nj, nw, tasks, radius, sub, masks):
                 r1 = t0 + 1 if nt > 1 else t0
                 r2 = t0 + 2 if nt > 2 else t0
                 r3 = t0 + 3 if nt > 3 else t0
-                first = max(c0, t0 + 1) if triangle else c0
+                first = c0
+                if triangle:
+                    # pairs among the tile's own rows one by one: a row against itself (distance 0)
+                    # would otherwise make every tile's first block look like it holds a pair
+                    for i in range(t0, t0 + nt):
+                        for j in range(max(c0, i + 1), min(c1, t0 + nt)):
+                            d = _distance(xi, ni, xj, nj, nw, i, j)
+                            if d <= radius and _first_agreement(xi, ni, xj, nj, nw, i, j, sub, masks):
+                                count, out_i, out_j, out_d = _emit(count, out_i, out_j, out_d, i, j, d)
+                    first = max(c0, t0 + nt)
                 for b0 in range(first, c1, BLOCK):
                     n = min(c1 - b0, BLOCK)
                     if _block_min(xi, ni, xj, nj, nw, t0, r1, r2, r3, b0, n, dist) > radius:
                         continue
-                    # rare (a pair, or a row against itself): the block again, one distance at a time
+                    # rare (a pair within the radius): the block again, one distance at a time
                     for t in range(nt):
                         i = t0 + t
                         for j in range(max(b0, i + 1) if triangle else b0, b0 + n):
                             d = _distance(xi, ni, xj, nj, nw, i, j)
-                            if d > radius or not _first_agreement(xi, ni, xj, nj, nw, i, j, sub, masks):
-                                continue
-                            if count == cap:
-                                cap *= 2
-                                grown_i = np.empty(cap, np.int64)
-                                grown_j = np.empty(cap, np.int64)
-                                grown_d = np.empty(cap, np.int32)
-                                grown_i[:count] = out_i[:count]
-                                grown_j[:count] = out_j[:count]
-                                grown_d[:count] = out_d[:count]
-                                out_i, out_j, out_d = grown_i, grown_j, grown_d
-                            out_i[count] = i
-                            out_j[count] = j
-                            out_d[count] = d
-                            count += 1
+                            if d <= radius and _first_agreement(xi, ni, xj, nj, nw, i, j, sub, masks):
+                                count, out_i, out_j, out_d = _emit(count, out_i, out_j, out_d, i, j, d)
     return out_i[:count].copy(), out_j[:count].copy(), out_d[:count].copy()
+
+
+#: Bits a pass of `radix_argsort` sorts by (2,048 counters: they stay in L1).
+RADIX_DIGIT = 11
+
+
+@numba.njit(cache=True, nogil=True)
+def radix_argsort(keys, nbits):
+    """(order, keys[order]): a stable sort of unsigned `keys` below 2**nbits, least significant digit
+    first, RADIX_DIGIT bits a pass (one pass for up to 11-bit keys, two up to 22, three up to 33...):
+    several times faster than numpy's argsort on millions of keys."""
+    n = len(keys)
+    order = np.arange(n, dtype=np.int64)
+    k = keys.astype(np.uint64)
+    if nbits <= 0 or n < 2:
+        return order, k
+    spare_order = np.empty(n, np.int64)
+    spare_keys = np.empty(n, np.uint64)
+    size = 1 << RADIX_DIGIT
+    mask = np.uint64(size - 1)
+    count = np.empty(size + 1, np.int64)
+    for shift in range(0, nbits, RADIX_DIGIT):
+        s = np.uint64(shift)
+        count[:] = 0
+        for i in range(n):
+            count[((k[i] >> s) & mask) + 1] += 1
+        for b in range(size):
+            count[b + 1] += count[b]
+        for i in range(n):
+            b = (k[i] >> s) & mask
+            p = count[b]
+            count[b] = p + 1
+            spare_keys[p] = k[i]
+            spare_order[p] = order[i]
+        k, spare_keys = spare_keys, k
+        order, spare_order = spare_order, order
+    return order, k
 
 
 @numba.njit(inline="always")

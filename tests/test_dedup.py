@@ -105,6 +105,19 @@ def test_big_buckets_split_into_tasks_and_threads_agree(nbytes, monkeypatch):
                 assert as_lists(dedup_join.pairs(X, bits, radius, method=method, threads=threads)) == want
 
 
+@SETTINGS
+@given(nbits=st.integers(1, 64), n=st.integers(0, 3000), seed=st.integers(0, 2**32 - 1))
+def test_radix_argsort_is_a_stable_sort(nbits, n, seed):
+    from ghindex.dedup_kernels import radix_argsort
+
+    rng = np.random.default_rng(seed)
+    high = 2 ** min(nbits, 8) if seed % 2 else 2**63  # few distinct keys (many ties), or many
+    keys = rng.integers(0, high, n, dtype=np.uint64) & np.uint64(2**nbits - 1)
+    order, sorted_keys = radix_argsort(keys, nbits)
+    np.testing.assert_array_equal(order, np.argsort(keys, kind="stable"))
+    np.testing.assert_array_equal(sorted_keys, keys[order])
+
+
 def test_plan_picks_mih_for_small_radii_and_the_scan_when_buckets_are_full():
     rng = np.random.default_rng(0)
     X = dedup_join.words_of(rng.integers(0, 256, (200_000, 8), dtype=np.uint8))
