@@ -9,8 +9,8 @@ from .output import echo_rows
 
 
 #: Options `add` shares with `ghindex encode` (the same option objects, so the same names and help).
-ENCODE_OPTIONS = ("batch_size", "workers", "device", "precision", "strict", "checkpoint_seconds", "checkpoint_rows",
-                  "progress")
+ENCODE_OPTIONS = ("batch_size", "workers", "device", "precision", "runtime", "strict", "checkpoint_seconds",
+                  "checkpoint_rows", "progress")
 
 
 def _with_encode_options(command: click.Command) -> click.Command:

@@ -33,7 +33,11 @@ import click
               help="Folder the database images now live in, when they moved apart from the code store. "
                    "[default: the folder the store records, relative to the store]")
 @click.option("--device", default="cpu", show_default=True, help="Device of the model that encodes uploads.")
-def serve(index, model, host, port, token, max_upload, batch_window_ms, max_batch, cors_origins, force, gpu, root, device):
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+              help="Where uploads run the backbone: auto is ONNX Runtime on the CPU when installed (the cpu extra), "
+                   "else PyTorch (see `ghindex encode --runtime`).")
+def serve(index, model, host, port, token, max_upload, batch_window_ms, max_batch, cors_origins, force, gpu, root,
+          device, runtime):
     """Serve a web page and a JSON API to search INDEX by image, id or code, until Ctrl-C.
 
     API: GET /api/health, GET /api/info, POST /api/search, GET /api/items/ID, GET /api/items/ID/image;
@@ -49,4 +53,4 @@ def serve(index, model, host, port, token, max_upload, batch_window_ms, max_batc
                           "pip install 'ghindex[serve]'") from None
     serve_fn(index, model, host=host, port=port, token=token, max_upload=max_upload,
              batch_window_ms=batch_window_ms, max_batch=max_batch, cors_origins=cors_origins, force=force,
-             gpu=gpu, device=device, root=root)
+             gpu=gpu, device=device, root=root, runtime=runtime)

@@ -67,6 +67,9 @@ from ghindex.data import PROTOCOLS
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Random horizontal flips while fine-tuning (not used with a frozen backbone).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]; mixed precision on CUDA.")
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+              help="Where a frozen backbone computes the cached features: auto is ONNX Runtime on the CPU when "
+                   "installed (the cpu extra), else PyTorch; fine-tuning runs PyTorch (see `ghindex encode --runtime`).")
 @click.option("--workers", type=int, default=None, help="DataLoader processes decoding images. [default: min(4, CPUs)]")
 @click.option("--resume", is_flag=True, help="Continue from MODEL.ckpt with the same arguments (--epochs may grow).")
 @click.option("--overwrite", is_flag=True,

@@ -40,6 +40,7 @@ def encode(
     workers: int | None = None,
     device: str = "auto",
     precision: str = "auto",
+    runtime: str = "auto",
     ids_from: int | None = None,
     strict: bool = False,
     resume: bool = False,
@@ -63,14 +64,20 @@ def encode(
     interrupted run (or starts one if there is none); `append=True` adds to an existing store of
     the same bits and model; `overwrite=True` replaces OUT and discards any interrupted run.
 
+    `runtime`: where the backbone runs (`ghindex.runtime`): ``auto`` (ONNX Runtime on the CPU in fp32
+    when onnxruntime is installed, the `cpu` extra; else PyTorch), ``torch`` or ``onnx``. Both give the
+    same features to about 1e-6 of their range, so codes agree except for bits whose value is that close
+    to 0.
+
     Returns a summary: count (rows this data contributed), skipped, skipped_items, store_rows,
-    seconds, rate (inputs/s processed by this call), resumed_from, device, precision, out.
+    seconds, rate (inputs/s processed by this call), resumed_from, device, precision, runtime, out.
 
     Launched by torchrun with several processes, each encodes a contiguous range of the inputs
     into its own part and rank 0 merges them into `out` (`ghindex.sharded_encode`).
     """
     options = dict(
-        batch_size=batch_size, workers=workers, precision=precision, strict=strict, with_paths=with_paths,
+        batch_size=batch_size, workers=workers, precision=precision, runtime=runtime, strict=strict,
+        with_paths=with_paths,
         checkpoint_seconds=checkpoint_seconds, checkpoint_rows=checkpoint_rows, pack=pack_signs,
     )
     if _shard is None and distributed.is_distributed():

@@ -180,6 +180,7 @@ def _finished_summary(out, t0, dev, precision, source) -> dict:
             "loop_rate": 0.0,
             "device": str(dev),
             "precision": precision,
+            "runtime": entry.get("runtime"),  # the run that wrote it (None: before runtimes were recorded)
             "status": "already complete",
         }
 

@@ -132,6 +132,7 @@ class Encoder(nn.Module):
         self.hidden_layer = nn.Linear(feature_dim, hash_hidden) if hash_hidden else None
         self.hash_layer = nn.Linear(hash_hidden or feature_dim, bits)
         self.classifier = nn.Linear(bits, num_classes, bias=False) if num_classes else None
+        self._backbone_runner = None  # the frozen backbone's inference forward (`ghindex.runtime.use_runtime`)
 
     @property
     def bits(self) -> int:
@@ -155,7 +156,31 @@ class Encoder(nn.Module):
 
     def hash(self, x: torch.Tensor) -> torch.Tensor:
         """Continuous hash outputs H for a preprocessed batch; codes are H >= 0."""
-        return self.head(self.backbone(x))
+        return self.head(self.features(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features of a preprocessed batch, for inference: the one place a frozen backbone runs,
+        through the runtime `ghindex.runtime.use_runtime` attached (ONNX Runtime on the CPU; it runs the
+        PyTorch module itself wherever its export does not apply), else the PyTorch module. `forward`, which
+        training differentiates, always runs the module."""
+        runner = self._backbone_runner
+        return runner(x) if runner is not None else self.backbone(x)
+
+    @property
+    def runtime(self) -> str:
+        """Where `features` runs the backbone: ``torch`` or the attached runner's name (``onnx``)."""
+        return "torch" if self._backbone_runner is None else self._backbone_runner.name
+
+    def set_backbone_runner(self, runner) -> None:
+        """Attach a callable that replaces `self.backbone(x)` in `features` (None: the module again).
+        `ghindex.runtime.use_runtime` chooses and builds it."""
+        self._backbone_runner = runner
+
+    def __getstate__(self):
+        # A runner holds an ONNX Runtime session, which cannot be copied or pickled: copies run PyTorch.
+        state = dict(super().__getstate__())
+        state["_backbone_runner"] = None
+        return state
 
     # -- preprocessing -------------------------------------------------------------------------
     def preprocess(self, item) -> torch.Tensor:

@@ -202,8 +202,9 @@ def _done_already(meta: dict, ident: dict) -> bool:
 def add(index: str | os.PathLike, data: str | os.PathLike | None = None, model: str | os.PathLike | None = None,
         codes: str | os.PathLike | None = None, *, root: str | os.PathLike | None = None,
         ids_from: int | None = None, keep_ids: bool = False, batch_size: int = 64, workers: int | None = None,
-        device: str = "auto", precision: str = "auto", strict: bool = False, discard_pending: bool = False,
-        checkpoint_seconds: float = 10.0, checkpoint_rows: int = 65536, progress: bool = True) -> dict:
+        device: str = "auto", precision: str = "auto", runtime: str = "auto", strict: bool = False,
+        discard_pending: bool = False, checkpoint_seconds: float = 10.0, checkpoint_rows: int = 65536,
+        progress: bool = True) -> dict:
     """Add new images (`data` encoded with `model`, the index's encoder) or the codes of a code store
     (`codes`) to the index directory `index` and to its code store, in place and crash-safely.
 
@@ -230,8 +231,8 @@ def add(index: str | os.PathLike, data: str | os.PathLike | None = None, model: 
         summary_encode = None
         if codes is None:
             options = dict(batch_size=batch_size, workers=workers, device=device, precision=precision,
-                           strict=strict, checkpoint_seconds=checkpoint_seconds, checkpoint_rows=checkpoint_rows,
-                           progress=progress)
+                           runtime=runtime, strict=strict, checkpoint_seconds=checkpoint_seconds,
+                           checkpoint_rows=checkpoint_rows, progress=progress)
             side, summary_encode, ident = _encode_side(
                 index_dir, meta, store, model, data, root=root, ids_from=ids_from,
                 discard_pending=discard_pending, encode_options=options)

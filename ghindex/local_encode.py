@@ -20,7 +20,9 @@ input. When every input is done the store is marked complete, a final record is 
 copy of OUT, so OUT itself changes only by that last atomic rename.
 
 Codes are computed in fp32 on the CPU by default, which is exact and reproducible; `precision="bf16"`
-is faster on CPUs with bf16 units but flips bits whose pre-sign value is near 0.
+is faster on CPUs with bf16 units but flips bits whose pre-sign value is near 0. `runtime` says where
+the backbone runs (`ghindex.runtime`): ONNX Runtime on the CPU by default when installed, PyTorch
+otherwise.
 
 This module is the single-process run and its loop; `ghindex.journal` holds the record format,
 `ghindex.encode_state` what a run writes and the checks against existing stores, `ghindex.batching`
@@ -60,6 +62,7 @@ from .errors import ConfigError, ImageError, OutputError, StoreError
 from .hashing import pack_signs
 from .io import file_fingerprint, writing
 from .journal import JOURNAL_VERSION, Journal
+from .runtime import resolve_runtime, use_runtime
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ def _fsync_dir(path: str) -> None:
 
 def encode_local(model, data, out, *, protocol, split, seed, root, batch_size, workers, device, precision, ids_from,
                  strict, resume, append, overwrite, with_paths, checkpoint_seconds, checkpoint_rows, progress,
-                 shard: tuple[int, int] | None = None,
+                 shard: tuple[int, int] | None = None, runtime: str = "auto",
                  pack: Callable[[torch.Tensor], np.ndarray] = pack_signs) -> dict[str, Any]:
     """Encode every input of `data` with the model file `model` into the code store `out`, in this
     process. The arguments (their types and defaults) and the summary are those of
@@ -116,6 +119,7 @@ def encode_local(model, data, out, *, protocol, split, seed, root, batch_size, w
     config = Encoder.read_config(model)
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
+    resolve_runtime(runtime, dev, precision, backbone=config.backbone)  # a runtime that cannot run: now
     source = load_source(data, protocol, split, seed, root, ids_from)
     if shard is not None:  # one process's part of a sharded run: inputs [start, stop), ids unchanged
         source = source.subset(np.arange(*shard), description=f"{source.description} inputs {shard[0]}:{shard[1]}")
@@ -206,7 +210,7 @@ def encode_local(model, data, out, *, protocol, split, seed, root, batch_size, w
         state = None
         if resume:
             state = _resume_state(journal, saved, run, out)
-        return _run(journal, run, model, out, partial, dev, precision, batch_size, workers, strict,
+        return _run(journal, run, model, out, partial, dev, precision, runtime, batch_size, workers, strict,
                     checkpoint_seconds, checkpoint_rows, progress, state, t0, data_fingerprint, append, pack)
     except OutputError as exc:
         exc.set_hint(_kept_hint(journal, len(source), exc))
@@ -233,7 +237,7 @@ def _kept_hint(journal: Journal, inputs: int, exc: OutputError) -> str:
     return f"{what}; {exc.remedy} and rerun with resume=True"
 
 
-def _run(journal, run, model, out, partial, dev, precision, batch_size, workers, strict,
+def _run(journal, run, model, out, partial, dev, precision, runtime, batch_size, workers, strict,
          checkpoint_seconds, checkpoint_rows, progress, state, t0, data_fingerprint, append, pack) -> dict:
     header = run.header
     code_bytes = run.bits // 8
@@ -266,8 +270,8 @@ def _run(journal, run, model, out, partial, dev, precision, batch_size, workers,
                 log.info("resuming %s after %d of %d inputs", out, position, len(run.source))
         resumed_from = position
 
-        position, n_skipped, loop_start = _encode_loop(
-            journal, store, run, model, dev, precision, batch_size, workers, strict,
+        position, n_skipped, loop_start, runtime = _encode_loop(
+            journal, store, run, model, dev, precision, runtime, batch_size, workers, strict,
             checkpoint_seconds, checkpoint_rows, progress, position, n_skipped, skipped_items, pack,
         )
         processed = position - resumed_from
@@ -279,6 +283,7 @@ def _run(journal, run, model, out, partial, dev, precision, batch_size, workers,
             "rows": len(run.source) - n_skipped,
             "skipped": n_skipped,
             "precision": precision,
+            "runtime": runtime,
             "device": dev.type,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
@@ -312,6 +317,7 @@ def _run(journal, run, model, out, partial, dev, precision, batch_size, workers,
         "loop_rate": round(processed / (end - loop_start), 1) if end > loop_start else 0.0,
         "device": str(dev),
         "precision": precision,
+        "runtime": runtime,
         "status": "complete",
     }
     log.info(
@@ -321,7 +327,7 @@ def _run(journal, run, model, out, partial, dev, precision, batch_size, workers,
     return summary
 
 
-def _encode_loop(journal, store, run, model_path, dev, precision, batch_size, workers, strict,
+def _encode_loop(journal, store, run, model_path, dev, precision, runtime, batch_size, workers, strict,
                  checkpoint_seconds, checkpoint_rows, progress, position, n_skipped, skipped_items, pack):
     from tqdm import tqdm
 
@@ -330,11 +336,15 @@ def _encode_loop(journal, store, run, model_path, dev, precision, batch_size, wo
     src = run.source
     n = len(src)
     if position >= n:
-        return position, n_skipped, time.perf_counter()
+        backbone = Encoder.read_config(model_path).backbone
+        return position, n_skipped, time.perf_counter(), resolve_runtime(runtime, dev, precision, backbone=backbone)
     encoder = Encoder.load(model_path, device="cpu").eval()
     cnn = encoder.config.backbone != "identity"
     encoder = encoder.to(dev)
-    if cnn:
+    runtime = use_runtime(encoder, runtime, device=dev, precision=precision)  # may fall back to torch
+    # PyTorch's CPU convolutions are faster on channels-last tensors; ONNX Runtime takes NCHW arrays
+    channels_last = cnn and runtime == "torch"
+    if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     c = encoder.config
 
@@ -387,8 +397,10 @@ def _encode_loop(journal, store, run, model_path, dev, precision, batch_size, wo
                     x = x.index_select(0, keep)
                 if len(x):
                     x = x.to(dev, non_blocking=True)
-                    if cnn:
+                    if channels_last:
                         x = normalize_batch(x, c.mean, c.std).contiguous(memory_format=torch.channels_last)
+                    elif cnn:  # NCHW while still uint8: a quarter of the bytes to move
+                        x = normalize_batch(x.contiguous(), c.mean, c.std)
                     else:
                         x = x.float()
                     with autocast_context(precision, dev):
@@ -409,4 +421,4 @@ def _encode_loop(journal, store, run, model_path, dev, precision, batch_size, wo
         raise
     finally:
         bar.close()
-    return position, n_skipped, loop_start
+    return position, n_skipped, loop_start, runtime

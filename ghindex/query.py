@@ -94,10 +94,13 @@ class Searcher:
     a code store changed since the index was built. `close()` (or `with`) closes the store.
     The store is found by `ghindex.index.files.store_path_of` (next to the index first, so a copied
     folder works); `root` replaces the folder its image paths are relative to (`CodeStore.open`).
+    `runtime`: where image queries run the backbone (`ghindex.runtime.use_runtime`); ``torch`` by default,
+    since exporting pays off only over many images (`ghindex serve` asks for ``auto``).
     """
 
     def __init__(self, index, model=None, *, force: bool = False, gpu: str = "auto", gpu_shard: bool = False,
-                 device=None, need_store: bool = False, root=None, engine: str = "ghindex"):
+                 device=None, need_store: bool = False, root=None, engine: str = "ghindex",
+                 runtime: str = "torch"):
         from .index import Index
         from .index.files import store_path_of
         from .index.lookup import CodesById
@@ -131,13 +134,14 @@ class Searcher:
                         self.name, self.store_path or "none recorded")
         if model is not None:
             try:
-                self._load_model(model, device)
+                self._load_model(model, device, runtime)
             except BaseException:
                 self.close()
                 raise
 
-    def _load_model(self, model, device) -> None:
+    def _load_model(self, model, device, runtime: str) -> None:
         from .encoder import Encoder
+        from .runtime import use_runtime
 
         idx, index_encoder = self.index, self.index.meta.get("encoder_fingerprint")
         # The header first: a missing, foreign or unsafe file, or a model of other bits, is named as such
@@ -159,6 +163,7 @@ class Searcher:
                     "or pass force"
                 )
         self.encoder = Encoder.load(model, device=device or "cpu")
+        use_runtime(self.encoder, runtime)  # where image queries run the backbone (`ghindex.runtime`)
         self.model_path = os.fspath(model)
 
     def close(self) -> None:

@@ -165,6 +165,7 @@ def encode_sharded(model, data, out, *, protocol=None, split=None, seed=0, root=
         "loop_rate": round(sum(s["loop_rate"] for s in summaries), 1),  # all processes together
         "device": mine["device"],
         "precision": mine["precision"],
+        "runtime": mine["runtime"],
         "status": "complete",
         "processes": world,
     }

@@ -60,6 +60,7 @@ from .hashing import pack_signs
 from .io import file_fingerprint
 from .losses import Objective
 from .metrics import mean_average_precision
+from .runtime import resolve_runtime, use_runtime
 from .train_epoch import DDPForward, epoch_line, train_epoch
 
 # Steps of a run call these through this module's namespace (tests replace `_write_log` here), and
@@ -235,6 +236,7 @@ class _TrainingRun(TrainingState):
         self.target_shift = 0.0
         # (unsupervised, centred: the saved layer needs the cache's mean and scale even with no epoch left)
         if self.frozen and (self.start_epoch < self.epochs or (self.kind == "unsupervised" and self.center)):
+            self.runtime = use_runtime(model, self.runtime, device=device)  # model.features: ONNX Runtime on CPUs
             cached, kept = _extract_features_sharded(model, self.source, device, max(self.batch_size, 64), self.workers,
                                                      self.autocast, self.progress)
             self.cached_rows = kept
@@ -274,6 +276,7 @@ class _TrainingRun(TrainingState):
                 self.feature_mean = self.feature_mean.to(cached.device)
             self.cached, self.labels_cached = cached, labels_cached
         elif not self.frozen:
+            self.runtime = resolve_runtime(self.runtime, device, trains_backbone=True)  # torch (onnx: an error)
             c = model.config
             self.dataset = ImageDataset(self.source, _Preprocess(c.image_size, c.mean, c.std),
                                         (3, c.image_size, c.image_size))
@@ -286,6 +289,7 @@ class _TrainingRun(TrainingState):
                                                       self.workers, self.autocast, False)
                 self.val_cached, self.val_labels = val.to(self.cached.device), self.val_labels[kept]
         self.objective = Objective(self.kind, alpha=self.alpha, shift=self.target_shift, balance=self.balance)
+        model.set_backbone_runner(None)  # the runtime served the feature cache; the returned model runs PyTorch
 
     def centred_rows(self, features: torch.Tensor) -> torch.Tensor:
         """What the head reads while it trains on cached features: unsupervised and centred, each row less
@@ -414,6 +418,7 @@ def train(
     val_every: int = 5,
     keep_best: bool = False,
     device: str = "auto",
+    runtime: str = "auto",
     workers: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -453,6 +458,8 @@ def train(
     val_fraction: held-out slice of the (labelled) training items, at most 1,000, whose mAP against
         the rest is logged every `val_every` epochs and after the last (0: none; slices under 10
         items are not made). keep_best: keep the model of the best held-out mAP, not the last.
+    runtime: where a frozen backbone computes the cached features (`ghindex.runtime`): ``auto`` (ONNX
+        Runtime on the CPU when installed, else PyTorch), ``torch`` or ``onnx``; fine-tuning runs PyTorch.
     out: model path; also writes MODEL.ckpt, MODEL.log.jsonl and (protocol) MODEL.splits.npz.
     resume: continue from MODEL.ckpt (same arguments; `epochs` may grow).
     overwrite: start over even if `out` or its checkpoint exists (otherwise that is an error, so an
@@ -487,7 +494,7 @@ def train(
         paths=output_paths(out) if out is not None else None,
         backbone_lr_scale=backbone_lr_scale, val_fraction=float(val_fraction), val_every=int(val_every),
         keep_best=bool(keep_best), preset=preset, init=init, hash_hidden=int(hash_hidden),
-        balance=float(balance),
+        balance=float(balance), runtime=runtime,
     )
     run.prepare_data(data, root)
     checkpoint = run.read_checkpoint() if resume else None

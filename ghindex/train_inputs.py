@@ -81,9 +81,10 @@ def _held_out_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.
 
 def _extract_features(model: Encoder, source: DataSource, device, batch_size: int, workers: int,
                       autocast, progress: bool, fn=None) -> tuple[torch.Tensor, np.ndarray]:
-    """Frozen backbone (or `fn`) over the whole source once (eval mode). Returns (outputs float32 on CPU,
-    indices of the items that decoded); bad images are skipped with a warning."""
-    fn = fn or model.backbone
+    """Frozen backbone (`model.features`, in the runtime `ghindex.runtime.use_runtime` chose; or `fn`) over
+    the whole source once (eval mode). Returns (outputs float32 on CPU, indices of the items that decoded);
+    bad images are skipped with a warning."""
+    fn = fn or model.features
     if source.kind == "features":
         return torch.from_numpy(np.ascontiguousarray(source.features, dtype=np.float32)), np.arange(len(source))
     c = model.config

@@ -54,6 +54,7 @@ class TrainingState:
     init: str = "random"  # unsupervised, centred: "pca" starts the hash layer from rotated principal directions
     hash_hidden: int = 0  # width of a ReLU layer before the hash layer (0: none)
     balance: float = 0.0  # weight of the bit balance penalty
+    runtime: str = "auto"  # where a frozen backbone extracts features (`ghindex.runtime`); then the one chosen
 
     # prepare_data
     source: DataSource = _unset()

@@ -60,14 +60,16 @@ _rng = np.random.default_rng()
 
 def create_app(index, model=None, *, token: str | None = None, max_upload: int = DEFAULT_MAX_UPLOAD,
                batch_window_ms: float = 2.0, max_batch: int = 256, cors_origins=(), force: bool = False,
-               gpu: str = "auto", gpu_shard: bool = False, device=None, root=None) -> FastAPI:
+               gpu: str = "auto", gpu_shard: bool = False, device=None, root=None,
+               runtime: str = "auto") -> FastAPI:
     """The ASGI app serving `index` (a directory, a loaded `Index`, or a `Searcher`).
 
     `model`: the index's encoder, needed to search by uploaded images. `token`: every /api and /metrics
     request must send `Authorization: Bearer TOKEN`. `max_upload`: largest request body in bytes.
     `batch_window_ms`, `max_batch`: micro-batching (0 and 1: one request at a time). `cors_origins`:
     origins allowed to call the API from their pages (none: CORS off). `force`, `gpu`, `gpu_shard`,
-    `device`, `root`: as for `ghindex.query.query`.
+    `device`, `root`: as for `ghindex.query.query`. `runtime`: where uploads run the backbone
+    (`ghindex.runtime`; auto: ONNX Runtime on the CPU when installed).
     """
     if isinstance(max_upload, bool) or not isinstance(max_upload, int) or max_upload < 1:
         raise ConfigError(f"max_upload must be a positive number of bytes, got {max_upload!r}")
@@ -76,7 +78,7 @@ def create_app(index, model=None, *, token: str | None = None, max_upload: int =
     if not 0 <= float(batch_window_ms) <= 1000:
         raise ConfigError(f"batch_window_ms must be between 0 and 1000, got {batch_window_ms!r}")
     searcher = index if isinstance(index, Searcher) else Searcher(
-        index, model, force=force, gpu=gpu, gpu_shard=gpu_shard, device=device, root=root)
+        index, model, force=force, gpu=gpu, gpu_shard=gpu_shard, device=device, root=root, runtime=runtime)
     service = Service(searcher, batch_window_ms=batch_window_ms, max_batch=max_batch, max_upload=max_upload,
                       token=token)
     static = _load_static()
