@@ -36,11 +36,14 @@ import click
 @click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
               help="Where uploads run the backbone: auto is ONNX Runtime on the CPU when installed (the cpu extra), "
                    "else PyTorch (see `ghindex encode --runtime`).")
+@click.option("--duplicates", type=click.Path(dir_okay=False), default=None,
+              help="A `ghindex dedup --format jsonl` file: review its groups at /duplicates.")
 def serve(index, model, host, port, token, max_upload, batch_window_ms, max_batch, cors_origins, force, gpu, root,
-          device, runtime):
+          device, runtime, duplicates):
     """Serve a web page and a JSON API to search INDEX by image, id or code, until Ctrl-C.
 
-    API: GET /api/health, GET /api/info, POST /api/search, GET /api/items/ID, GET /api/items/ID/image;
+    API: GET /api/health, GET /api/info, POST /api/search, GET /api/items/ID, GET /api/items/ID/image
+    (with --duplicates: GET /api/duplicates and the review page /duplicates);
     Prometheus metrics at /metrics; the OpenAPI schema at /openapi.json. Needs the `serve` extra
     (pip install 'ghindex[serve]').
     """
@@ -53,4 +56,4 @@ def serve(index, model, host, port, token, max_upload, batch_window_ms, max_batc
                           "pip install 'ghindex[serve]'") from None
     serve_fn(index, model, host=host, port=port, token=token, max_upload=max_upload,
              batch_window_ms=batch_window_ms, max_batch=max_batch, cors_origins=cors_origins, force=force,
-             gpu=gpu, device=device, root=root, runtime=runtime)
+             gpu=gpu, device=device, root=root, runtime=runtime, duplicates=duplicates)

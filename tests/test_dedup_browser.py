@@ -15,7 +15,6 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install '.[serve]'")
 
 from ghindex.serve import make_server  # noqa: E402
-from ghindex.serve.duplicates import add_duplicates  # noqa: E402
 from test_dedup import find_groups, make_duplicates_index  # noqa: E402
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -28,8 +27,8 @@ class RunningServer:
     """`ghindex serve --duplicates` in a thread of this process, on 127.0.0.1 and a free port."""
 
     def __init__(self, index, duplicates, **options):
-        self.server, self.sock, self.url, _ = make_server(index, host="127.0.0.1", port=0, **options)
-        add_duplicates(self.server.config.app, duplicates)
+        self.server, self.sock, self.url, _ = make_server(index, host="127.0.0.1", port=0, duplicates=duplicates,
+                                                          **options)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):

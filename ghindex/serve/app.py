@@ -25,6 +25,7 @@ from ..errors import ConfigError, GhindexError, ImageError, SearchError
 from ..query import Searcher
 from ..version import __version__
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .duplicates import add_duplicates
 from .middleware import RequestGuard
 from .openapi import (
     ERROR_RESPONSES,
@@ -61,7 +62,7 @@ _rng = np.random.default_rng()
 def create_app(index, model=None, *, token: str | None = None, max_upload: int = DEFAULT_MAX_UPLOAD,
                batch_window_ms: float = 2.0, max_batch: int = 256, cors_origins=(), force: bool = False,
                gpu: str = "auto", gpu_shard: bool = False, device=None, root=None,
-               runtime: str = "auto") -> FastAPI:
+               runtime: str = "auto", duplicates=None) -> FastAPI:
     """The ASGI app serving `index` (a directory, a loaded `Index`, or a `Searcher`).
 
     `model`: the index's encoder, needed to search by uploaded images. `token`: every /api and /metrics
@@ -69,7 +70,8 @@ def create_app(index, model=None, *, token: str | None = None, max_upload: int =
     `batch_window_ms`, `max_batch`: micro-batching (0 and 1: one request at a time). `cors_origins`:
     origins allowed to call the API from their pages (none: CORS off). `force`, `gpu`, `gpu_shard`,
     `device`, `root`: as for `ghindex.query.query`. `runtime`: where uploads run the backbone
-    (`ghindex.runtime`; auto: ONNX Runtime on the CPU when installed).
+    (`ghindex.runtime`; auto: ONNX Runtime on the CPU when installed). `duplicates`: a `ghindex dedup`
+    jsonl to review at /duplicates (`ghindex.serve.duplicates`).
     """
     if isinstance(max_upload, bool) or not isinstance(max_upload, int) or max_upload < 1:
         raise ConfigError(f"max_upload must be a positive number of bytes, got {max_upload!r}")
@@ -215,6 +217,8 @@ def create_app(index, model=None, *, token: str | None = None, max_upload: int =
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
+    if duplicates is not None:
+        add_duplicates(app, duplicates)
     return app
 
 

@@ -76,7 +76,7 @@ def url_of(sock: socket.socket) -> str:
 def make_server(index, model=None, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
                 max_upload: int | str = DEFAULT_MAX_UPLOAD, batch_window_ms: float = 2.0, max_batch: int = 256,
                 cors_origins=(), force: bool = False, gpu: str = "auto", gpu_shard: bool = False, device=None,
-                root=None, runtime: str = "auto"):
+                root=None, runtime: str = "auto", duplicates=None):
     """Load the index, build the app and bind: (uvicorn.Server, listening socket, URL, one-line summary).
 
     `server.run(sockets=[sock])` then serves until `server.should_exit` is set (or SIGINT / SIGTERM
@@ -90,7 +90,8 @@ def make_server(index, model=None, *, host: str = "127.0.0.1", port: int = 8000,
         log.warning("warning: %s", warning)
     app = create_app(index, model, token=token, max_upload=parse_upload_size(max_upload),
                      batch_window_ms=batch_window_ms, max_batch=max_batch, cors_origins=cors_origins,
-                     force=force, gpu=gpu, gpu_shard=gpu_shard, device=device, root=root, runtime=runtime)
+                     force=force, gpu=gpu, gpu_shard=gpu_shard, device=device, root=root, runtime=runtime,
+                     duplicates=duplicates)
     sock = bind(host, port)
     config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False,
                             timeout_graceful_shutdown=5, lifespan="on")
@@ -99,6 +100,8 @@ def make_server(index, model=None, *, host: str = "127.0.0.1", port: int = 8000,
     what = f"{idx.ntotal:,} codes of {idx.bits} bits, {idx.index_key}"
     if service.searcher.encoder is not None:
         what += f", image search on ({service.searcher.encoder.runtime})"
+    if duplicates is not None:
+        what += f", {len(app.state.duplicates):,} duplicate groups at /duplicates"
     if token:
         what += ", token required"
     return uvicorn.Server(config), sock, url_of(sock), what
