@@ -75,7 +75,7 @@ def dedup(codes, index, radius, against, keep, pairs, remove_list, grid, out, fm
     s = result.summary
     rows = [("items", f"{s['items']:,}" + (f" (against {s['other_items']:,})" if s["other_items"] is not None else "")),
             ("radius", f"{s['radius']} bits ({s['method']}"
-                       + (f", {s['substrings']} substrings)" if s["substrings"] else ")")),
+                       + (f", {s['substrings']} substring{'s' if s['substrings'] > 1 else ''})" if s["substrings"] else ")")),
             ("groups", f"{s['groups']:,} (largest {s['largest_group']:,}; {s['chained_groups']:,} joined by chains)"),
             ("items in groups", f"{s['items_in_groups']:,}"),
             ("pairs", f"{s['pairs']:,}"),

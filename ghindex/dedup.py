@@ -353,7 +353,8 @@ def _check_comparable(collection: Collection, other: Collection, force: bool) ->
 
 def _plan_text(plan, bits: int) -> str:
     if plan.method == "mih":
-        return (f"multi-index hashing, {plan.substrings} substrings of about {bits // plan.substrings} bits "
+        return (f"multi-index hashing, {plan.substrings} substring{'s' if plan.substrings > 1 else ''} of about "
+                f"{bits // plan.substrings} bits "
                 f"(about {plan.mih_candidates:.3g} candidate pairs; the scan would compare {plan.scan_pairs:.3g})")
     return f"exact scan of {plan.scan_pairs:.3g} pairs"
 

@@ -628,3 +628,10 @@ def test_serve_duplicates_command(served, runner, tmp_path):
     result = runner.invoke(cli, ["serve", "--index", str(served["index"]), "--duplicates", str(tmp_path / "no.jsonl"),
                                  "--port", "0"])
     assert result.exit_code == 1 and result.stderr.strip().splitlines()[-1].startswith("Error: duplicates file not found")
+
+
+def test_readme_dedup_block_uses_real_options():
+    from test_readme import commands, test_readme_options_exist
+
+    assert [args[0] for args in commands("dedup")] == ["dedup", "dedup", "remove", "serve", "dedup"]
+    test_readme_options_exist("dedup")  # every option exists, choices and numbers parse
