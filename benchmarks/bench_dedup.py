@@ -126,7 +126,8 @@ class PeakRSS:
 
 
 # ------------------------------------------------------------------------------------------- cells
-def grid_cell(n: int, bits: int, radius: int, threads: int, max_seconds: float, groups_per: int) -> dict:
+def grid_cell(n: int, bits: int, radius: int, threads: int, max_seconds: float, groups_per: int,
+              compare: bool) -> dict:
     """One cell, in this process (run by `--cell` in a child)."""
     codes, label = planted(n, bits, radius, max(1, n // groups_per), seed=bits * 100 + radius)
     X = dedup_join.words_of(codes)
@@ -152,8 +153,8 @@ def grid_cell(n: int, bits: int, radius: int, threads: int, max_seconds: float, 
     record["join_extra_rss_mb"] = round(peak.peak - before, 1)  # above the process with its codes made
     record.update(pairs=len(a), groups=len(groups), **planted_check(label, groups))
     other = "scan" if plan.method == "mih" else "mih"
-    p_other = dedup_join.plan(X, bits, radius, method=other) if dedup_join.mih_substrings(bits, radius) else None
-    if p_other is not None and dedup_join.estimated_seconds(p_other, RATE) <= max_seconds / 4:
+    p_other = dedup_join.plan(X, bits, radius, method=other) if compare and dedup_join.mih_substrings(bits, radius) else None
+    if p_other is not None and dedup_join.estimated_seconds(p_other, RATE) <= max_seconds:
         t = time.perf_counter()
         a2, b2, d2, _ = dedup_join.pairs(X, bits, radius, method=other, threads=threads)
         record[f"{other}_s"] = round(time.perf_counter() - t, 3)
@@ -290,7 +291,9 @@ def main() -> None:
     ap.add_argument("--real-store")
     ap.add_argument("--real-truth")
     ap.add_argument("--json", default=None, help="append JSON records to this file")
-    ap.add_argument("--cell", nargs=6, type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--compare", action="store_true",
+                    help="grid: also time the other method (where estimated within --max-seconds) and compare pairs")
+    ap.add_argument("--cell", nargs=7, type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     parts = args.parts or ["grid", "exact", "imagededup", "e2e"]
@@ -298,8 +301,9 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     if args.cell:  # a child running one grid cell
-        n, bits, radius, threads, max_seconds, groups_per = args.cell
-        print(json.dumps(grid_cell(int(n), int(bits), int(radius), int(threads), max_seconds, int(groups_per))))
+        n, bits, radius, threads, max_seconds, groups_per, compare = args.cell
+        print(json.dumps(grid_cell(int(n), int(bits), int(radius), int(threads), max_seconds, int(groups_per),
+                                   bool(compare))))
         return
 
     header = {"part": "machine", "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
@@ -321,7 +325,7 @@ def main() -> None:
     if "grid" in parts:
         for n, bits, radius in itertools.product(args.sizes, args.bits, args.radii):
             emit(run_child([str(n), str(bits), str(radius), str(args.threads), str(args.max_seconds),
-                            str(args.groups_per)]))
+                            str(args.groups_per), str(int(args.compare))]))
     if "exact" in parts:
         for record in exact_part(args.exact_n, args.bits, args.radii, args.threads):
             emit(record)
