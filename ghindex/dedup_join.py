@@ -16,8 +16,9 @@ Two exact methods, chosen per call by their estimated cost (`plan`):
 in the sample, scaled up), so skewed real codes (many sharing a substring) fall back to the scan
 when buckets would be too full. Both methods return the same pairs; `method` forces one.
 
-Memory: the codes as 64-bit words (N x 8 bytes per 64 bits), one pass's sorted copy of the codes
-that share a bucket, and the pairs found (20 bytes each); nothing grows with N^2.
+Memory: the codes as 64-bit words (N x 8 bytes per 64 bits); for one pass at a time, the sort of
+its keys (about 24 bytes a code) and a copy of the codes that share a bucket; and the pairs found (20
+bytes each). Nothing grows with N^2.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .dedup_kernels import join_kernel, radix_argsort
+from .dedup_kernels import join_kernel, radix_argsort, runs
 from .errors import ConfigError
 
 METHODS = ("auto", "mih", "scan")
@@ -83,11 +84,11 @@ def substring_keys(X: np.ndarray, lo: int, hi: int) -> np.ndarray:
     it fits: faster to sort)."""
     length = hi - lo
     w, shift = divmod(lo, 64)
-    keys = X[w] >> np.uint64(shift)
+    keys = X[w] >> np.uint64(shift)  # one new array, then in place
     if shift and shift + length > 64:
-        keys = keys | (X[w + 1] << np.uint64(64 - shift))
+        keys |= X[w + 1] << np.uint64(64 - shift)
     if length < 64:
-        keys = keys & np.uint64((1 << length) - 1)
+        keys &= np.uint64((1 << length) - 1)
     return keys.astype(np.uint32) if length <= 32 else keys
 
 
@@ -251,11 +252,8 @@ def _buckets(keys: np.ndarray, nbits: int, min_size: int = 2):
     """Rows sorted by key (`nbits` bits), and the (start, size) of each run of equal keys of at least
     `min_size`."""
     order, sorted_keys = radix_argsort(keys, nbits)
-    edges = np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1
-    starts = np.concatenate([[0], edges]).astype(np.int64)
-    sizes = np.diff(np.concatenate([starts, [len(keys)]])).astype(np.int64)
-    keep = sizes >= min_size
-    return order, sorted_keys, starts[keep], sizes[keep]
+    starts, sizes = runs(sorted_keys, min_size)
+    return order, sorted_keys, starts, sizes
 
 
 def _gather(order, starts, sizes) -> np.ndarray:
@@ -323,6 +321,7 @@ def pairs(X: np.ndarray, bits: int, radius: int, *, method: str = "auto", thread
             if not len(sizes):
                 continue
             rows = _gather(order, starts, sizes)
+            del order  # N positions: only the rows in buckets are needed from here on
             Xs = np.ascontiguousarray(X[:, rows])
             tasks, work = _triangle_tasks(np.cumsum(sizes) - sizes, sizes)
             _extrapolate(bar, int(work.sum()), s, p.substrings)

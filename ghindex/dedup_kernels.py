@@ -11,7 +11,7 @@ in `ghindex.flatscan_kernels`' generic kernel).
   ``BLOCK`` columns, a chunk of ``CHUNK`` columns at a time (it stays in L2 while the tiles go over
   it). A block whose smallest distance is above the radius costs only its distances
   (kept as running minima, not stored); the rare other blocks are gone over again pair by pair.
-- `radix_argsort`: the order of the substring keys (multi-index hashing's buckets).
+- `radix_argsort`, `runs`: the order of the substring keys and their runs (multi-index hashing's buckets).
 - `components`: union-find over pairs (connected components).
 - `greedy_keep`: the members kept by `ghindex dedup --keep` (see `ghindex.dedup`).
 - `diameters`: the largest distance between any two members of each group.
@@ -186,28 +186,26 @@ RADIX_DIGIT = 11
 
 @numba.njit(cache=True, nogil=True)
 def radix_argsort(keys, nbits):
-    """(order, keys[order]): a stable sort of unsigned `keys` below 2**nbits, least significant digit
-    first, RADIX_DIGIT bits a pass (one pass for up to 11-bit keys, two up to 22, three up to 33...):
-    several times faster than numpy's argsort on millions of keys."""
+    """(order, keys[order]): a stable sort of unsigned `keys` (uint32 or uint64) below 2**nbits, least
+    significant digit first, RADIX_DIGIT bits a pass (one pass for up to 11-bit keys, two up to 22,
+    three up to 33...): several times faster than numpy's argsort on millions of keys."""
     n = len(keys)
     order = np.arange(n, dtype=np.int64)
-    k = keys.astype(np.uint64)
+    k = keys.copy()
     if nbits <= 0 or n < 2:
         return order, k
     spare_order = np.empty(n, np.int64)
-    spare_keys = np.empty(n, np.uint64)
+    spare_keys = np.empty_like(k)
     size = 1 << RADIX_DIGIT
-    mask = np.uint64(size - 1)
     count = np.empty(size + 1, np.int64)
     for shift in range(0, nbits, RADIX_DIGIT):
-        s = np.uint64(shift)
         count[:] = 0
         for i in range(n):
-            count[((k[i] >> s) & mask) + 1] += 1
+            count[((np.uint64(k[i]) >> np.uint64(shift)) & np.uint64(size - 1)) + 1] += 1
         for b in range(size):
             count[b + 1] += count[b]
         for i in range(n):
-            b = (k[i] >> s) & mask
+            b = (np.uint64(k[i]) >> np.uint64(shift)) & np.uint64(size - 1)
             p = count[b]
             count[b] = p + 1
             spare_keys[p] = k[i]
@@ -215,6 +213,31 @@ def radix_argsort(keys, nbits):
         k, spare_keys = spare_keys, k
         order, spare_order = spare_order, order
     return order, k
+
+
+@numba.njit(cache=True, nogil=True)
+def runs(sorted_keys, min_size):
+    """(starts, sizes) of the runs of equal keys of at least `min_size` in sorted keys: only those (most
+    runs of long substrings are single codes, from which no pair comes), counted first, then written."""
+    n = len(sorted_keys)
+    count = 0
+    for second in range(2):
+        if second:
+            starts = np.empty(count, np.int64)
+            sizes = np.empty(count, np.int64)
+            count = 0
+        i = 0
+        while i < n:
+            j = i + 1
+            while j < n and sorted_keys[j] == sorted_keys[i]:
+                j += 1
+            if j - i >= min_size:
+                if second:
+                    starts[count] = i
+                    sizes[count] = j - i
+                count += 1
+            i = j
+    return starts, sizes
 
 
 @numba.njit(inline="always")

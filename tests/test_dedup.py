@@ -108,14 +108,21 @@ def test_big_buckets_split_into_tasks_and_threads_agree(nbytes, monkeypatch):
 @SETTINGS
 @given(nbits=st.integers(1, 64), n=st.integers(0, 3000), seed=st.integers(0, 2**32 - 1))
 def test_radix_argsort_is_a_stable_sort(nbits, n, seed):
-    from ghindex.dedup_kernels import radix_argsort
+    from ghindex.dedup_kernels import radix_argsort, runs
 
     rng = np.random.default_rng(seed)
     high = 2 ** min(nbits, 8) if seed % 2 else 2**63  # few distinct keys (many ties), or many
     keys = rng.integers(0, high, n, dtype=np.uint64) & np.uint64(2**nbits - 1)
+    if nbits <= 32 and seed % 3:
+        keys = keys.astype(np.uint32)  # what substrings of up to 32 bits are sorted as
     order, sorted_keys = radix_argsort(keys, nbits)
     np.testing.assert_array_equal(order, np.argsort(keys, kind="stable"))
     np.testing.assert_array_equal(sorted_keys, keys[order])
+    assert sorted_keys.dtype == keys.dtype
+    starts, sizes = runs(sorted_keys, 2)
+    values, first, counts = np.unique(sorted_keys, return_index=True, return_counts=True)
+    np.testing.assert_array_equal(starts, first[counts >= 2])
+    np.testing.assert_array_equal(sizes, counts[counts >= 2])
 
 
 def test_plan_picks_mih_for_small_radii_and_the_scan_when_buckets_are_full():
