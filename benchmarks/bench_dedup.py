@@ -10,14 +10,15 @@ Parts (default: all but `real`):
   join (`ghindex.dedup_join.pairs`, method auto, and the other method where it is affordable), the
   groups, wall time, the most memory the join and grouping added (RSS sampled every 5 ms, above the
   process with its codes made; each cell runs in a process of its own), pairs found, planted groups found whole and alone, other
-  groups. Cells whose plan estimates more than --max-seconds (at 4e9 distances/s) are skipped and
-  reported as such.
+  groups. Cells whose plan estimates more than --max-seconds (at 4e9 distances/s a thread) are skipped
+  and reported as such.
 - `exact`: a 100k sample (`--exact-n`) per bits x radius: the pairs of mih and of the scan equal an
   independent brute force (`ghindex.flatscan.range_search`, every code as a query).
 - `imagededup`: imagededup's `PHash().find_duplicates(encoding_map=..., max_distance_threshold=R)`
   with both its search methods (`brute_force_cython`, `bktree`) on the same 20k and 100k 64-bit codes
   (`--imagededup-sizes`) as hex strings: same pairs (as sets), time ratio. Needs `pip install
-  imagededup` (benchmark only; it wants scipy, scikit-learn, PyWavelets).
+  imagededup` (benchmark only; it wants scipy, scikit-learn, PyWavelets). Their cost grows with N^2:
+  the issue's 37 s (brute force) and 85 s (BK-tree) at 20k make some 15 and 35 minutes at 100k.
 - `e2e`: the issue's bar: `ghindex dedup --codes STORE --radius 3 --format jsonl --out F` as a fresh
   process on a code store of 1M 64-bit codes with planted groups (`--e2e-n`), run twice (the first
   may compile the kernels); checks that every planted group is one group and nothing else is grouped.
@@ -26,8 +27,9 @@ Parts (default: all but `real`):
   spaces or commas): `dedup(radius='auto')`, then precision and recall over pairs of items put in
   one group (found: every two members of a found group; planted: every two members of a truth group).
 
-Prints one line per cell and appends JSON records to --json. Numbers from a loaded machine are not
-results: run on a quiet one and say which.
+Prints one line per cell and appends JSON records to --json. The default run takes one to two hours on
+2 cores, most of it imagededup at 100k and the 10M cells at radius 6-8 with 64 bits. Numbers from a
+loaded machine are not results: run on a quiet one and say which.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ sys.path.insert(0, ROOT)
 from ghindex import dedup_join  # noqa: E402
 from ghindex.dedup import group_pairs  # noqa: E402
 
-RATE = 4e9  # scan distances per second assumed for the --max-seconds estimate
+RATE = 4e9  # scan distances per second and thread assumed for the --max-seconds estimate (conservative)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -136,7 +138,7 @@ def grid_cell(n: int, bits: int, radius: int, threads: int, max_seconds: float, 
     record = {"part": "grid", "n": n, "bits": bits, "radius": radius, "threads": threads}
     plan = dedup_join.plan(X, bits, radius)
     record["plan"] = plan.method
-    record["estimated_s"] = round(dedup_join.estimated_seconds(plan, RATE), 1)
+    record["estimated_s"] = round(dedup_join.estimated_seconds(plan, RATE * threads), 1)
     if record["estimated_s"] > max_seconds:
         record["skipped"] = f"estimated {record['estimated_s']} s > --max-seconds {max_seconds}"
         return record
@@ -154,7 +156,7 @@ def grid_cell(n: int, bits: int, radius: int, threads: int, max_seconds: float, 
     record.update(pairs=len(a), groups=len(groups), **planted_check(label, groups))
     other = "scan" if plan.method == "mih" else "mih"
     p_other = dedup_join.plan(X, bits, radius, method=other) if compare and dedup_join.mih_substrings(bits, radius) else None
-    if p_other is not None and dedup_join.estimated_seconds(p_other, RATE) <= max_seconds:
+    if p_other is not None and dedup_join.estimated_seconds(p_other, RATE * threads) <= max_seconds:
         t = time.perf_counter()
         a2, b2, d2, _ = dedup_join.pairs(X, bits, radius, method=other, threads=threads)
         record[f"{other}_s"] = round(time.perf_counter() - t, 3)
