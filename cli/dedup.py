@@ -34,7 +34,8 @@ class RadiusType(click.ParamType):
 @click.option("--keep", type=click.Choice(["first", "last"]), default="first", show_default=True,
               help="Which member of a group stays: the smallest id (first) or the largest (last); in a "
                    "chain, any member further than the radius from every kept one stays too, so what is "
-                   "left has no pairs.")
+                   "left has no pairs. With --against, OTHER keeps everything and each item with a copy "
+                   "there goes.")
 @click.option("--pairs", type=click.Path(dir_okay=False), default=None,
               help="Write every pair to this CSV (id_a,id_b,distance; id_a < id_b, each pair once).")
 @click.option("--remove-list", type=click.Path(dir_okay=False), default=None,
