@@ -16,8 +16,9 @@ Parts (default: all but `real`):
   independent brute force (`ghindex.flatscan.range_search`, every code as a query).
 - `imagededup`: imagededup's `PHash().find_duplicates(encoding_map=..., max_distance_threshold=R)`
   with both its search methods (`brute_force_cython`, `bktree`) on the same 20k and 100k 64-bit codes
-  (`--imagededup-sizes`) as hex strings: same pairs (as sets), time ratio. Needs `pip install
-  imagededup` (benchmark only; it wants scipy, scikit-learn, PyWavelets). Their cost grows with N^2:
+  (`--imagededup-sizes`) as hex strings: same pairs (as sets), time ratio. Needs imagededup (benchmark
+  only): `pip install --no-deps imagededup && pip install PyWavelets scipy scikit-learn` (without
+  --no-deps pip may replace the pinned torch). Their cost grows with N^2:
   the issue's 37 s (brute force) and 85 s (BK-tree) at 20k make some 15 and 35 minutes at 100k.
 - `e2e`: the issue's bar: `ghindex dedup --codes STORE --radius 3 --format jsonl --out F` as a fresh
   process on a code store of 1M 64-bit codes with planted groups (`--e2e-n`), run twice (the first
