@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from .dedup import RadiusType  # the same R|auto option as `ghindex dedup --radius`
+
 
 @click.command("query")
 @click.option("--index", required=True, type=click.Path(), help="Index directory (from `ghindex build`).")
@@ -21,8 +23,9 @@ import click
               help="Leave each --ids query's own item out of its neighbours (by default it comes first "
                    "among its ties, before exact copies stored earlier).")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per query.")
-@click.option("--radius", type=click.IntRange(min=0), default=None,
-              help="Keep only neighbours within this Hamming distance (bits), still at most k. [default: no limit]")
+@click.option("--radius", type=RadiusType(), default=None,
+              help="Keep only neighbours within this Hamming distance (bits), still at most k; auto: the copy "
+                   "radius the index's code store recorded from its model. [default: no limit]")
 @click.option("--force", is_flag=True,
               help="Accept a model/query store from another encoder than the index's, or a code store "
                    "changed since the index was built.")

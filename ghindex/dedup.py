@@ -34,6 +34,7 @@ import numpy as np
 from . import dedup_join
 from .dedup_kernels import components, diameters, greedy_keep
 from .errors import ConfigError, DataError, StoreError
+from .store import resolve_radius as store_radius  # the one rule, shared with `query`
 
 log = logging.getLogger(__name__)
 
@@ -143,24 +144,7 @@ def read_codes(collection: Collection, *, progress: bool = False) -> Collection:
 
 def resolve_radius(radius, collection: Collection) -> int:
     """An integer radius, or 'auto': the copy radius the store's model recorded (`copy_radius`)."""
-    if isinstance(radius, str) and radius.strip().lower() == "auto":
-        recorded = collection.attrs.get("copy_radius")
-        if recorded is None or recorded == "":
-            raise ConfigError(f"code store {collection.store_path} records no copy radius (its model has none): "
-                              "pass --radius N, the Hamming distance within which codes count as copies")
-        radius = int(recorded)
-    elif isinstance(radius, str):
-        try:
-            radius = int(radius)
-        except ValueError:
-            raise ConfigError(f"radius must be an integer number of bits or 'auto', got {radius!r}") from None
-    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)):
-        raise ConfigError(f"radius must be an integer number of bits or 'auto', got {radius!r}")
-    if radius < 0:
-        raise ConfigError(f"radius must be at least 0 bits, got {radius}")
-    if radius > collection.bits:
-        raise ConfigError(f"radius {radius} is above the code width ({collection.bits} bits)")
-    return int(radius)
+    return store_radius(radius, collection.attrs, collection.bits, f"code store {collection.store_path}")
 
 
 # ------------------------------------------------------------------------------------------ groups

@@ -19,6 +19,7 @@ import numpy as np
 from .errors import ConfigError, DataError, ModelFileError, SearchError, StoreError
 from .ids import StoreLookup, parse_ids
 from .io import atomic_path, file_fingerprint
+from .store import resolve_radius
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,13 @@ class Searcher:
             except BaseException:
                 self.close()
                 raise
+
+    def copy_radius(self) -> int:
+        """The copy radius the index's code store recorded from its model (`radius='auto'`)."""
+        if self.store is None:
+            raise ConfigError(f"index {self.name} has no code store to read its copy radius from "
+                              f"(recorded: {self.store_path or 'none'}): pass --radius N")
+        return resolve_radius("auto", self.store.attrs, self.index.bits, f"code store {self.store_path}")
 
     def _load_model(self, model, device, runtime: str) -> None:
         from .encoder import Encoder
@@ -268,7 +276,7 @@ def query_record(name: str, path: str | None = None) -> dict:
     return {"query": name, "query_id": None, "query_path": path, "query_label": None, "query_label_name": None}
 
 
-def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius: int | None = None,
+def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius: int | str | None = None,
           force: bool = False, grid=None, batch_size: int = 64, device=None, gpu: str = "auto",
           gpu_shard: bool = False, root=None, engine: str = "ghindex", exclude_self: bool = False) -> list[dict]:
     """Search `index` for each query and return one dict per query.
@@ -277,7 +285,8 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
     its codes, with its labels and paths), `ids` (ids in the index's code store, e.g. "3,17"; their
     codes come from memory: the flat index's own, or the store's read once).
     `k`: neighbours per query; `radius`: keep only neighbours within this Hamming distance (still at
-    most k). A query by id finds its own item first among its ties (at distance 0, before exact
+    most k); 'auto': the copy radius the index's code store recorded from its model (ConfigError when
+    it has none). A query by id finds its own item first among its ties (at distance 0, before exact
     copies stored earlier); `exclude_self` leaves it out instead (k other neighbours; ids only).
     `force`: accept a model or query store whose encoder differs from the index's, and a
     code store that changed since the index was built. `grid`: write a PNG with each query image and
@@ -293,8 +302,10 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
 
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ConfigError(f"k must be a positive integer, got {k!r}")
-    if radius is not None and (isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0):
-        raise ConfigError(f"radius must be a non-negative integer number of bits, got {radius!r}")
+    auto_radius = isinstance(radius, str) and radius.strip().lower() == "auto"
+    if radius is not None and not auto_radius and (
+            isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0):
+        raise ConfigError(f"radius must be a non-negative integer number of bits or 'auto', got {radius!r}")
     images = [images] if isinstance(images, (str, os.PathLike)) else list(images or ())
     ids = parse_ids(ids or ())
     given = [name for name, value in (("images", images), ("codes", codes), ("ids", ids)) if value]
@@ -311,6 +322,8 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
     with Searcher(index, model, force=force, gpu=gpu, gpu_shard=gpu_shard, device=device,
                   need_store=bool(ids), root=root, engine=engine) as searcher:
         idx = searcher.index
+        if auto_radius:
+            radius = searcher.copy_radius()
         self_ids = None  # queries by id: their own ids in the index
         if images:
             q_codes = searcher.encode([os.fspath(p) for p in images], batch_size=batch_size)

@@ -47,7 +47,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import store_write
-from .errors import OutputError, StoreError
+from .errors import ConfigError, OutputError, StoreError
 from .hashing import check_bits
 from .io import file_fingerprint
 from .io import writing
@@ -76,6 +76,30 @@ def __getattr__(name: str):
     if name == "hdf5_failed":
         return store_write.hdf5_failed
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def resolve_radius(radius, attrs: dict, bits: int, where: str) -> int:
+    """A Hamming radius in bits: an integer (or its text), or 'auto': the copy radius the store's model
+    recorded (attribute `copy_radius`, written by `ghindex encode`). `attrs`, `bits`: the code store's;
+    `where`: how to name it in errors. `ghindex query` and `ghindex dedup` both resolve `--radius` here."""
+    if isinstance(radius, str) and radius.strip().lower() == "auto":
+        recorded = attrs.get("copy_radius")
+        if recorded is None or recorded == "":
+            raise ConfigError(f"{where} records no copy radius (its model has none): pass --radius N, "
+                              "the Hamming distance within which codes count as copies")
+        radius = int(recorded)
+    elif isinstance(radius, str):
+        try:
+            radius = int(radius)
+        except ValueError:
+            raise ConfigError(f"radius must be an integer number of bits or 'auto', got {radius!r}") from None
+    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)):
+        raise ConfigError(f"radius must be an integer number of bits or 'auto', got {radius!r}")
+    if radius < 0:
+        raise ConfigError(f"radius must be at least 0 bits, got {radius}")
+    if radius > bits:
+        raise ConfigError(f"radius {radius} is above the code width ({bits} bits)")
+    return int(radius)
 
 
 class CodeStore(StoreWriting):

@@ -101,6 +101,57 @@ def test_query_cli_exclude_self(runner, copies):
     assert result.exit_code == 1 and result.stderr.startswith("Error: exclude_self")
 
 
+# ---- --radius auto: the copy radius the code store recorded from its model -------------------------
+def flip(code, positions):
+    code = code.copy()
+    for b in positions:
+        code[b // 8] ^= np.uint8(1 << (b % 8))
+    return code
+
+
+@pytest.fixture
+def recorded(copies):
+    """The copies' codes with near-copies of row 40 (2 and 5 bits off) in a store that records
+    copy_radius 3 (as `ghindex encode` writes it), indexed; and one that records none."""
+    s = copies
+    codes = s["codes"].copy()
+    codes[60], codes[61] = flip(codes[COPIES_OF], [0, 9]), flip(codes[COPIES_OF], [1, 2, 3, 17, 30])
+    with CodeStore.create(s["tmp"] / "r.h5", 32, attrs={"copy_radius": 3}) as store:
+        store.append(codes, s["ids"])
+        store.mark_complete()
+    build(s["tmp"] / "r.h5", s["tmp"] / "r", index_key="BFlat", gpu="off")
+    build(write_store(s["tmp"] / "plain.h5", codes, s["ids"]), s["tmp"] / "plain", index_key="BFlat", gpu="off")
+    return dict(s, index=s["tmp"] / "r", plain=s["tmp"] / "plain", codes=codes)
+
+
+def test_radius_auto_is_the_recorded_copy_radius(recorded):
+    s = recorded
+    own = int(s["ids"][COPIES_OF])
+    auto, = query(s["index"], ids=[own], k=10, radius="auto")
+    three, = query(s["index"], ids=[own], k=10, radius=3)
+    assert got(auto) == got(three) == [(own, 0), (505, 0), (512, 0), (530, 0), (560, 2)]  # 561 is 5 bits off
+    wider, = query(s["index"], ids=[own], k=10, radius=5)
+    assert (561, 5) in got(wider)
+    with pytest.raises(ConfigError, match="records no copy radius.*--radius N"):
+        query(s["plain"], ids=[own], radius="auto")
+    with pytest.raises(ConfigError, match="or 'auto'"):
+        query(s["index"], ids=[own], radius="near")
+
+
+def test_query_cli_radius_auto(runner, recorded):
+    s = recorded
+    base = ["query", "--ids", "540", "-k", "10", "--format", "json", "--radius"]
+    result = runner.invoke(cli, base[:1] + ["--index", str(s["index"])] + base[1:] + ["auto"])
+    assert result.exit_code == 0, result.output
+    assert [n["id"] for n in json.loads(result.stdout)["neighbors"]] == [540, 505, 512, 530, 560]
+    result = runner.invoke(cli, base[:1] + ["--index", str(s["plain"])] + base[1:] + ["auto"])
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 1 and last.startswith("Error: ") and "--radius N" in last
+    assert "Traceback" not in result.output
+    result = runner.invoke(cli, base[:1] + ["--index", str(s["index"])] + base[1:] + ["near"])
+    assert result.exit_code == 2 and "'auto'" in result.output
+
+
 # ---- CodesById -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
 def test_codes_by_id_equal_the_stored_codes(copies, kind):
