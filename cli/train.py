@@ -23,6 +23,12 @@ from ghindex.data import PROTOCOLS
               help="Folder that list-file paths are relative to. [default: the list file's folder]")
 @click.option("--unsupervised", is_flag=True,
               help="Cosine-preservation objective on frozen backbone features; labels unused.")
+@click.option("--objective", type=click.Choice(["similarity", "views"]), default=None,
+              help="Unsupervised objective: similarity (codes keep the backbone features' cosines; the better "
+                   "semantic neighbours) or views (codes of edited copies of an image agree and those of different "
+                   "images differ: finds copies, loses semantic mAP; images only). [default: similarity]")
+@click.option("--views", type=int, default=4, show_default=True,
+              help="--objective views: edited views per training image, their features extracted once.")
 @click.option("--multi-label", is_flag=True, help="Binary cross-entropy on multi-hot labels.")
 @click.option("--protocol", type=click.Choice(PROTOCOLS),
               help="Train on this protocol's training split of a CIFAR-style folder (train/, test/).")
@@ -46,9 +52,11 @@ from ghindex.data import PROTOCOLS
 @click.option("--center/--no-center", default=None,
               help="Unsupervised: the hash layers read centred features (mean of the training set) and the "
                    "cosine target is shifted so the average pair's is 0. [default: by --preset: centred, paper: not]")
-@click.option("--init", type=click.Choice(["pca", "random"]), default=None,
+@click.option("--init", type=click.Choice(["pca", "random", "lda"]), default=None,
               help="Unsupervised, with --hash-hidden 0: start the hash layer from rotated principal directions of "
-                   "the centred features (pca) or PyTorch's random init. [default: random]")
+                   "the centred features (pca), from the directions that tell images apart relative to how their edited "
+                   "views spread (lda, --objective views only) or PyTorch's random init. [default: random; lda for "
+                   "--objective views]")
 @click.option("--balance", type=float, default=None,
               help="Weight of the bit balance penalty mean over bits of (bit's mean over the batch)^2; 0: none. "
                    "[default: by --preset: 1 for --unsupervised, else 0; paper: 0]")
@@ -97,5 +105,6 @@ def train(data, out, **kwargs):
     click.echo(json.dumps({
         "model": out, "bits": model.bits, "backbone": model.config.backbone, "objective": info.get("objective"),
         "epochs": info.get("epochs"), "final": info.get("final"),
+        "unsupervised_objective": info.get("unsupervised_objective"), "copy_radius": model.config.copy_radius,
         "files": {k: v for k, v in output_paths(out).items() if k != "splits" or info.get("splits_file")},
     }, sort_keys=True))

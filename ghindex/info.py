@@ -94,6 +94,14 @@ def describe_store(path: str) -> dict[str, Any]:
     return result
 
 
+def _objective(training: dict) -> str | None:
+    """'supervised', 'multi-label', 'unsupervised (similarity)' or 'unsupervised (views)'; None: untrained."""
+    kind = training.get("objective")
+    if kind == "unsupervised":
+        return f"unsupervised ({training.get('unsupervised_objective') or 'similarity'})"
+    return kind
+
+
 def describe_model(path: str) -> dict[str, Any]:
     """The config of a model file (read from its header) and the file's fingerprint."""
     config = Encoder.read_config(path)
@@ -111,6 +119,9 @@ def describe_model(path: str) -> dict[str, Any]:
         "num_classes": config.num_classes,
         "hash_hidden": config.hash_hidden,
         "format_version": config.format_version,
+        # how it was trained and the Hamming radius of copies (`query`/`dedup --radius auto`), when recorded
+        "objective": _objective(config.extra.get("training") or {}),
+        "copy_radius": config.copy_radius,
         "extra": config.extra,
     }
 

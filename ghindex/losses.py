@@ -6,6 +6,8 @@
   the cosines t of (frozen) backbone features f, optionally shifted, and those of the codes b.
 - `quantization_penalty` (from `ghindex.hashing`): mean(|H - sgn(H)|^p), weighted by `alpha`.
 - `bit_balance_penalty`: mean over bits of (mean of a bit over the batch)^2, weighted by `balance`.
+- `nt_xent_loss`: SimCLR's contrastive loss between the codes of two edited views of each image
+  (the ``views`` objective: copies of one image agree, different images differ).
 
 `Objective` combines one main term with the penalty; `objective(...)` returns a `LossTerms` so the
 training loop can log each part. Codes B come from `greedy_sign(H)`, so every gradient reaching B
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from .errors import ConfigError
 from .hashing import quantization_penalty
 
-OBJECTIVES = ("supervised", "multi-label", "unsupervised")
+OBJECTIVES = ("supervised", "multi-label", "unsupervised", "views")
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -65,6 +67,22 @@ def bit_balance_penalty(codes: torch.Tensor) -> torch.Tensor:
     return codes.float().mean(0).pow(2).mean()
 
 
+def nt_xent_loss(first: torch.Tensor, second: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """SimCLR's NT-Xent over the 2B rows of two views (B, bits) each: row i of `first` has row i of `second`
+    as its positive and the other 2B - 2 rows as negatives; similarity = cosine / temperature; mean
+    cross-entropy over the 2B rows. On codes from `greedy_sign` the gradient reaches H straight through."""
+    n = first.shape[0]
+    if n < 2 or second.shape != first.shape:
+        raise ConfigError(f"NT-Xent needs two views of the same >= 2 items, got {tuple(first.shape)} and "
+                          f"{tuple(second.shape)}")
+    if not temperature > 0:
+        raise ConfigError(f"the NT-Xent temperature must be > 0, got {temperature}")
+    z = F.normalize(torch.cat([first, second]).float(), dim=1)
+    similarity = (z @ z.T / temperature).fill_diagonal_(float("-inf"))  # a row is not its own negative
+    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(similarity, positive)
+
+
 class LossTerms(NamedTuple):
     total: torch.Tensor  # main + alpha * penalty (+ balance * bit balance): what is minimised
     main: torch.Tensor  # the objective's own term (CE, BCE or cosine preservation)
@@ -81,6 +99,7 @@ class Objective:
     p: float = 3.0
     shift: float = 0.0  # unsupervised only: the feature cosine that the target maps to 0
     balance: float = 0.0  # weight of `bit_balance_penalty`
+    temperature: float = 0.1  # views only: NT-Xent's temperature
 
     def __post_init__(self):
         if self.kind not in OBJECTIVES:
@@ -93,8 +112,13 @@ class Objective:
     def __call__(self, h: torch.Tensor, b: torch.Tensor, *, features: torch.Tensor | None = None,
                  classifier: torch.nn.Module | None = None, labels: torch.Tensor | None = None) -> LossTerms:
         """h: hash-layer outputs (N, bits); b: `greedy_sign(h)`; features: backbone outputs (unsupervised);
-        classifier + labels: supervised objectives."""
-        if self.kind == "unsupervised":
+        classifier + labels: supervised objectives. views: h and b hold two views of B items, the first
+        view's B rows, then the second's."""
+        if self.kind == "views":
+            if len(b) % 2:
+                raise ConfigError("the views objective needs two views of each item (an even number of rows)")
+            main = nt_xent_loss(b[:len(b) // 2], b[len(b) // 2:], self.temperature)
+        elif self.kind == "unsupervised":
             if features is None:
                 raise ConfigError("the unsupervised objective needs the backbone features")
             main = cosine_preservation_loss(features, b, self.shift)

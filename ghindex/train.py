@@ -88,9 +88,18 @@ from .train_inputs import (  # noqa: F401 - MIN_VAL_ITEMS: with MAX_VAL_ITEMS, t
     _Preprocess,
 )
 from .train_state import TrainingState
+from .train_views import (
+    extract_views,
+    held_out_copy_recall,
+    lda_init,
+    measure_copy_radius,
+    measures_copies,
+    prepare_copy_views,
+)
 from .train_settings import (
     PRESETS,
     _check_args,
+    _check_objective,
     _objective_kind,
     _run_group,
     _setup_processes,
@@ -121,13 +130,14 @@ class _TrainingRun(TrainingState):
                                       if self.weights != "none" else 1.0)
         if self.backbone != "identity" and source.kind == "images":
             probe_backbone(self.backbone, self.image_size)  # e.g. ViTs take one input size only: say so now
-        split = (_held_out_split(len(source), self.val_fraction, self.seed)
-                 if self.val_fraction and source.labels is not None else None)
+        # held out: labelled items (their mAP), and unsupervised images (their copies' recall) with or without labels
+        measured = source.labels is not None or (self.kind == "unsupervised" and source.kind == "images")
+        split = _held_out_split(len(source), self.val_fraction, self.seed) if self.val_fraction and measured else None
         self.val_source = self.val_labels = None
         if split is not None:
             rows, held = split
             self.val_source = source.subset(held)
-            self.val_labels = source.labels[held]
+            self.val_labels = source.labels[held] if source.labels is not None else None
             source = source.subset(rows)
         self.source = source
         if source.kind == "features" and self.backbone != "identity":
@@ -135,6 +145,11 @@ class _TrainingRun(TrainingState):
                               f"not {self.backbone!r}")
         if source.kind == "images" and self.backbone == "identity":
             raise ConfigError(f"{source.description} holds images: the identity backbone takes feature arrays")
+        if self.unsupervised_objective == "views" and source.kind != "images":
+            raise ConfigError(f"{source.description} holds feature vectors, which cannot be edited: the views "
+                              "objective needs images (objective 'similarity' trains on features)")
+        if self.unsupervised_objective == "views" and self.world > 1:
+            raise ConfigError("the views objective runs in one process (torchrun: use objective 'similarity')")
         kind = self.kind
         self.frozen = bool(kind == "unsupervised" or self.backbone == "identity" or self.freeze_backbone)
         self.labels = _labels_tensor(source, kind)
@@ -159,6 +174,8 @@ class _TrainingRun(TrainingState):
             "val_items": len(self.val_source) if self.val_source is not None else 0,
             "val_every": int(self.val_every), "keep_best": bool(self.keep_best),
         }
+        if self.unsupervised_objective == "views":  # (absent otherwise: older checkpoints still resume)
+            self.signature.update(unsupervised_objective="views", views=int(self.views))
         self.weights_info = {"weights": os.fspath(self.weights)}
         if self.weights not in ("none", "imagenet", None) and os.path.isfile(os.fspath(self.weights)):
             self.weights_info["weights_sha256"] = file_fingerprint(self.weights)
@@ -197,7 +214,11 @@ class _TrainingRun(TrainingState):
         backbone = [p for n, p in named if n.startswith("backbone.")]
         if backbone:  # pretrained layers move slower than the new hash layer and classifier
             groups.append({"params": backbone, "lr": self.lr * self.backbone_lr_scale})
-        self.optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        if self.unsupervised_objective == "views":  # Adam: SGD at lr 0.3 did not train NT-Xent (issue 24's notes)
+            self.optimizer = torch.optim.Adam(groups, lr=self.lr)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum,
+                                             weight_decay=self.weight_decay)
         # lr_step 0 = constant learning rate; a huge step keeps StepLR's (primitive-only) state format.
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=self.lr_step or 10**9, gamma=0.1)
         self.use_amp = use_amp = self.device.type == "cuda"
@@ -237,8 +258,12 @@ class _TrainingRun(TrainingState):
         # (unsupervised, centred: the saved layer needs the cache's mean and scale even with no epoch left)
         if self.frozen and (self.start_epoch < self.epochs or (self.kind == "unsupervised" and self.center)):
             self.runtime = use_runtime(model, self.runtime, device=device)  # model.features: ONNX Runtime on CPUs
-            cached, kept = _extract_features_sharded(model, self.source, device, max(self.batch_size, 64), self.workers,
-                                                     self.autocast, self.progress)
+            extract_args = (device, max(self.batch_size, 64), self.workers, self.autocast, self.progress)
+            if self.unsupervised_objective == "views":  # the un-edited image is view 0: the plain cache
+                self.view_cache, kept = extract_views(model, self.source, self.views, self.seed, *extract_args)
+                cached = self.view_cache[:, 0].contiguous()
+            else:
+                cached, kept = _extract_features_sharded(model, self.source, *extract_args)
             self.cached_rows = kept
             labels_cached = self.labels[torch.from_numpy(kept)] if self.labels is not None else None
             if self.kind == "unsupervised" and self.center:
@@ -269,12 +294,18 @@ class _TrainingRun(TrainingState):
                     if self.init == "pca" and self.start_epoch == 0:
                         rows = self.centred_rows(cached)
                         model.hash_layer.weight.copy_(_pca_init(rows, self.bits, self.seed).to(device))
+                    if self.init == "lda" and self.start_epoch == 0:
+                        views = self.view_cache
+                        rows = self.centred_rows(views.flatten(0, 1)).view(views.shape)
+                        model.hash_layer.weight.copy_(lda_init(rows, self.bits).to(device))
             if device.type == "cuda" and cached.numel() * 4 < 4 << 30:
                 cached = cached.to(device)
                 labels_cached = labels_cached.to(device) if labels_cached is not None else None
             if self.feature_mean is not None:  # where `centred_rows` meets the cache, once, not per batch
                 self.feature_mean = self.feature_mean.to(cached.device)
             self.cached, self.labels_cached = cached, labels_cached
+            if measures_copies(self):  # also fills the held-out features
+                prepare_copy_views(self, extract_args)
         elif not self.frozen:
             self.runtime = resolve_runtime(self.runtime, device, trains_backbone=True)  # torch (onnx: an error)
             c = model.config
@@ -284,11 +315,12 @@ class _TrainingRun(TrainingState):
             n = len(self.cached) if self.cached is not None else len(self.source)
             rng = np.random.default_rng([int(self.seed), 15])
             self.val_db = np.sort(rng.choice(n, MAX_VAL_DATABASE, replace=False)) if n > MAX_VAL_DATABASE else np.arange(n)
-            if self.frozen:
+            if self.frozen and self.val_cached is None:
                 val, kept = _extract_features_sharded(model, self.val_source, device, max(self.batch_size, 64),
                                                       self.workers, self.autocast, False)
                 self.val_cached, self.val_labels = val.to(self.cached.device), self.val_labels[kept]
-        self.objective = Objective(self.kind, alpha=self.alpha, shift=self.target_shift, balance=self.balance)
+        self.objective = Objective("views" if self.unsupervised_objective == "views" else self.kind, alpha=self.alpha,
+                                   shift=self.target_shift, balance=self.balance)
         model.set_backbone_runner(None)  # the runtime served the feature cache; the returned model runs PyTorch
 
     def centred_rows(self, features: torch.Tensor) -> torch.Tensor:
@@ -297,6 +329,16 @@ class _TrainingRun(TrainingState):
         if self.feature_mean is None:
             return features
         return F.normalize(features.float() - self.feature_mean, dim=1) * math.sqrt(features.shape[1])
+
+    def held_out_measures(self) -> dict[str, float]:
+        """The held-out slice's label mAP (with labels of two classes or more: one class says nothing) and,
+        unsupervised on images, its copy recall@1."""
+        row = {}
+        if self.val_labels is not None and (self.val_labels.ndim == 2 or self.source.num_classes >= 2):
+            row["val_map"] = self.held_out_map()
+        if self.copy_views is not None and self.val_source is not None:
+            row["val_copy_recall"] = held_out_copy_recall(self)
+        return row
 
     def held_out_map(self) -> float:
         """mAP@all of the held-out items' codes ranked against (a fixed sample of) the training items'."""
@@ -332,9 +374,10 @@ class _TrainingRun(TrainingState):
             row = train_epoch(self, epoch)
             if self.val_source is not None and ((epoch + 1) % self.val_every == 0 or epoch + 1 == self.epochs) \
                     and distributed.is_main():
-                row["val_map"] = self.held_out_map()
-                if self.keep_best and (self.best is None or row["val_map"] > self.best["val_map"]):
-                    self.best = {"epoch": epoch + 1, "val_map": row["val_map"],
+                row.update(self.held_out_measures())
+                score = row.get("val_map", row.get("val_copy_recall"))  # what keep_best keeps the best of
+                if self.keep_best and score is not None and (self.best is None or score > self.best["val_map"]):
+                    self.best = {"epoch": epoch + 1, "val_map": score,
                                  "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
             logger.info("%s", epoch_line(row))
             self.record_epoch(row)
@@ -363,8 +406,15 @@ class _TrainingRun(TrainingState):
         selection = "last epoch (query labels never used)"
         if self.keep_best and self.best is not None:
             model.load_state_dict(self.best["model"])
-            selection = (f"best held-out mAP {self.best['val_map']:.4f}, epoch {self.best['epoch']} "
+            measure = "mAP" if any("val_map" in row for row in self.history) else "copy recall@1"
+            selection = (f"best held-out {measure} {self.best['val_map']:.4f}, epoch {self.best['epoch']} "
                          "(query labels never used)")
+        if self.copy_views is not None:  # measured on the head as it trained (centred rows), before the fold
+            self.copy_radius = measure_copy_radius(self)
+            model.config.copy_radius = self.copy_radius["bits"]
+            logger.info("copy radius %d bits: the %gth percentile of Hamming(edited view, original) over %d "
+                        "views of %s", self.copy_radius["bits"], self.copy_radius["percentile"],
+                        self.copy_radius["views"], self.copy_radius["from"])
         if self.feature_scale is not None:  # trained on centred rows: the saved first layer reads raw f
             layer = model.hidden_layer if model.hidden_layer is not None else model.hash_layer
             with torch.no_grad():
@@ -373,6 +423,7 @@ class _TrainingRun(TrainingState):
         model.config.extra["training"] = {
             **self.signature, **self.weights_info, "epochs": self.epochs, "preset": self.preset,
             "selection": selection, "final": self.history[-1] if self.history else None,
+            "unsupervised_objective": self.unsupervised_objective, "copy_radius": self.copy_radius,
             "feature_scale": self.feature_scale, "target_shift": self.target_shift,
             "device": str(self.device), "amp": str(self.amp_dtype) if self.use_amp else None,
             "torch": torch.__version__, "python": platform.python_version(), "processes": self.world,
@@ -419,6 +470,8 @@ def train(
     keep_best: bool = False,
     device: str = "auto",
     runtime: str = "auto",
+    objective: str | None = None,
+    views: int = 4,
     workers: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -468,19 +521,20 @@ def train(
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     kind = "unsupervised" if unsupervised else ("multi-label" if multi_label else "supervised")
-    group = _run_group(kind, freeze_backbone, backbone, data)
+    group = "views" if unsupervised and objective == "views" else _run_group(kind, freeze_backbone, backbone, data)
     chosen = PRESETS[preset][group]
     pick = lambda value, key: chosen[key] if value is None else value  # noqa: E731
     epochs, lr, batch_size, alpha = pick(epochs, "epochs"), pick(lr, "lr"), pick(batch_size, "batch_size"), pick(alpha, "alpha")
     center, init, hash_hidden = pick(center, "center"), pick(init, "init"), pick(hash_hidden, "hash_hidden")
-    if init not in ("random", "pca"):
-        raise ConfigError(f"init must be 'random' or 'pca', got {init!r}")
+    if init not in ("random", "pca", "lda"):
+        raise ConfigError(f"init must be 'random', 'pca' or 'lda', got {init!r}")
     check_hash_hidden(hash_hidden)
     balance = pick(balance, "balance")
     if init == "pca" and hash_hidden and unsupervised:
         raise ConfigError("init 'pca' starts a hash layer that reads the features: it needs hash_hidden=0")
     _check_args(bits, epochs, lr, lr_step, momentum, weight_decay, batch_size, alpha, image_size, workers,
                 backbone_lr_scale, val_fraction, val_every, preset, balance)
+    objective = _check_objective(objective, views, unsupervised, init, hash_hidden, center)
     _check_outputs(out, resume, overwrite)
     kind = _objective_kind(unsupervised, multi_label, freeze_backbone, batch_size)
     torch_device, world, progress = _setup_processes(device, kind, batch_size, progress)
@@ -494,7 +548,7 @@ def train(
         paths=output_paths(out) if out is not None else None,
         backbone_lr_scale=backbone_lr_scale, val_fraction=float(val_fraction), val_every=int(val_every),
         keep_best=bool(keep_best), preset=preset, init=init, hash_hidden=int(hash_hidden),
-        balance=float(balance), runtime=runtime,
+        balance=float(balance), runtime=runtime, unsupervised_objective=objective, views=int(views),
     )
     run.prepare_data(data, root)
     checkpoint = run.read_checkpoint() if resume else None

@@ -96,7 +96,9 @@ def train_epoch(run: TrainingState, epoch: int) -> dict[str, Any]:
                disable=not run.progress, leave=False)
     run.model.train(not run.frozen)
     run.model.backbone.train(not run.frozen)
-    if run.cached is not None:
+    if run.view_cache is not None:
+        skipped = _view_steps(run, epoch, order, gen, stats, bar)
+    elif run.cached is not None:
         skipped = _cached_steps(run, epoch, order, stats, bar)
     else:
         skipped = _image_steps(run, epoch, order, gen, stats, bar)
@@ -108,9 +110,10 @@ def train_epoch(run: TrainingState, epoch: int) -> dict[str, Any]:
     current_lr = run.optimizer.param_groups[0]["lr"]
     run.scheduler.step()
     seconds = time.perf_counter() - t0
-    row = {"epoch": epoch + 1, "epochs": run.epochs, "objective": run.kind, **stats.summary(), "lr": current_lr,
-           "items": stats.n, "skipped": skipped, "seconds": round(seconds, 3),
-           "images_per_s": round(stats.n / seconds, 1) if seconds > 0 else None}
+    items = stats.n // 2 if run.view_cache is not None else stats.n  # views: two rows per image
+    row = {"epoch": epoch + 1, "epochs": run.epochs, "objective": "views" if run.view_cache is not None else run.kind,
+           **stats.summary(), "lr": current_lr, "items": items, "skipped": skipped, "seconds": round(seconds, 3),
+           "images_per_s": round(items / seconds, 1) if seconds > 0 else None}
     return row
 
 
@@ -122,6 +125,8 @@ def epoch_line(row: dict[str, Any]) -> str:
             f"{row['seconds']:.1f} s ({row['images_per_s'] or 0:.0f} img/s)")
     if row.get("val_map") is not None:
         line += f"  held-out mAP {row['val_map']:.4f}"
+    if row.get("val_copy_recall") is not None:
+        line += f"  held-out copy recall@1 {row['val_copy_recall']:.4f}"
     return line
 
 
@@ -136,6 +141,26 @@ def _cached_steps(run: TrainingState, epoch: int, order: torch.Tensor, stats: Ep
         y = labels_cached[idx] if labels_cached is not None else None
         h = run.forward(head, run.centred_rows(f))
         _step(run, epoch, stats, h, f, y)
+        bar.update(len(idx))
+    return 0
+
+
+def _view_steps(run: TrainingState, epoch: int, order: torch.Tensor, gen: torch.Generator, stats: EpochStats,
+                bar) -> int:
+    """The views objective's steps on cached view features: for each image two different views out of its
+    1+V (drawn from the epoch's generator), the first views' rows then the second's through the hash layer;
+    returns 0 (nothing skipped)."""
+    views, head = run.view_cache, run.model.head
+    count = views.shape[1]
+    for start in range(0, len(order), run.process_batch):
+        idx = order[start:start + run.process_batch]
+        first = torch.randint(0, count, (len(idx),), generator=gen)
+        second = (first + torch.randint(1, count, (len(idx),), generator=gen)) % count  # never the same view
+        if len(idx) < 2:
+            continue  # a lone leftover image has no negatives
+        rows = torch.cat([views[idx, first], views[idx, second]]).to(run.device, non_blocking=True)
+        h = run.forward(head, run.centred_rows(rows))
+        _step(run, epoch, stats, h, None, None)
         bar.update(len(idx))
     return 0
 

@@ -55,6 +55,8 @@ class TrainingState:
     hash_hidden: int = 0  # width of a ReLU layer before the hash layer (0: none)
     balance: float = 0.0  # weight of the bit balance penalty
     runtime: str = "auto"  # where a frozen backbone extracts features (`ghindex.runtime`); then the one chosen
+    unsupervised_objective: str | None = None  # unsupervised: "similarity" (cosine preservation) or "views"
+    views: int = 4  # views objective: edited views per training image (plus the un-edited one)
 
     # prepare_data
     source: DataSource = _unset()
@@ -88,7 +90,13 @@ class TrainingState:
     val_labels: np.ndarray | None = _unset()
     val_cached: torch.Tensor | None = _unset()  # frozen: their backbone features
     val_db: np.ndarray | None = _unset()  # rows of the training items the held-out queries are ranked against
-    best: dict[str, Any] | None = _unset()  # keep_best: {"epoch", "val_map", "model"}
+    best: dict[str, Any] | None = _unset()  # keep_best: {"epoch", "val_map" (the held-out score), "model"}
+    # unsupervised on images: edited views that measure copies (`ghindex.train_views`), prepare_inputs
+    view_cache: torch.Tensor | None = _unset()  # views objective: (N, 1+V, D) features, view 0 un-edited
+    copy_originals: torch.Tensor | None = _unset()  # features of the images whose edited views measure copies
+    copy_views: torch.Tensor | None = _unset()  # (n, COPY_VIEWS, D): their edited views' features
+    copy_others: np.ndarray | None = _unset()  # rows of `cached` that held-out copies are also searched among
+    copy_radius: dict[str, Any] | None = _unset()  # save: {"bits", "percentile", "views", "from"}
     # run_epochs
     forward: Any = _unset()  # forward(fn, *args): fn(*args), through DistributedDataParallel with several processes
     process_batch: int = _unset()  # this process's share of a step's batch

@@ -1,0 +1,201 @@
+"""Edited views (augment.py), their cached features and view-LDA start (train_views.py), the `views`
+objective (losses.py, train.py), the copy radius and the held-out copy recall of unsupervised image runs.
+
+Small: smallcnn with random weights at 32 px on a few of the CIFAR-10 demo images (32 px JPEGs).
+"""
+import glob
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ghindex
+from ghindex import Encoder
+from ghindex.augment import edited_views, inscribed_size
+from ghindex.data import DataSource, load_data
+from ghindex.errors import ConfigError
+from ghindex.hashing import greedy_sign
+from ghindex.info import info
+from ghindex.losses import Objective, nt_xent_loss
+from ghindex.train_views import copy_recall, extract_views, lda_init
+from ghindex_cli.main import cli
+
+DEMO = os.path.join(os.path.dirname(__file__), os.pardir, "data", "cifar10-demo", "database")
+SMALL = dict(bits=16, backbone="smallcnn", weights="none", image_size=32, workers=0, progress=False)
+
+
+def demo_folder(folder, classes=("cat",), per_class=30):
+    """Class sub-folders of CIFAR-10 demo JPEGs (32 px); one class by default, as an unlabelled collection."""
+    paths = sorted(glob.glob(os.path.join(DEMO, "*", "*.jpg")))
+    for c, name in enumerate(classes):
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+        for i, path in enumerate(paths[c * per_class:(c + 1) * per_class]):
+            shutil.copy(path, os.path.join(folder, name, f"{i:03d}.jpg"))
+    return str(folder)
+
+
+# -- the objective --------------------------------------------------------------------------------
+def test_nt_xent_matches_its_definition():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 8, generator=gen), torch.randn(3, 8, generator=gen)
+    z = torch.nn.functional.normalize(torch.cat([a, b]), dim=1)
+    sim = z @ z.T / 0.5
+    expected = 0.0
+    for i in range(6):
+        positive = (i + 3) % 6
+        others = [sim[i, j] for j in range(6) if j != i]
+        expected += -(sim[i, positive] - torch.logsumexp(torch.stack(others), 0))
+    assert torch.allclose(nt_xent_loss(a, b, 0.5), expected / 6, atol=1e-5)
+
+
+def test_views_objective_gradient_reaches_the_hash_layer_through_greedy_sign():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(10, 16, bias=False)
+    rows = torch.randn(2 * 6, 10)  # two views of 6 images: first views, then second views
+    h = layer(rows)
+    h.retain_grad()
+    b = greedy_sign(h)
+    b.retain_grad()
+    terms = Objective("views", alpha=0.0, balance=0.0)(h, b)
+    terms.total.backward()
+    assert torch.equal(h.grad, b.grad)  # straight through: sign's gradient is passed on unchanged
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="two views"):
+        Objective("views")(h[:5].detach(), b[:5].detach())
+
+
+def test_lda_init_finds_the_direction_that_tells_images_apart():
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(200, 1)) * np.array([[1.0, 0, 0, 0]])  # images differ along axis 0
+    views = images[:, None, :] + rng.normal(size=(200, 5, 4)) * np.array([0.05, 3.0, 0.05, 0.05])  # views along 1
+    w = lda_init(torch.from_numpy(views - views.reshape(-1, 4).mean(0)).float(), 8)
+    assert w.shape == (8, 4)
+    first = w[0] / w[0].norm()
+    assert abs(float(first[0])) > 0.99  # not axis 1, where rows spread the most
+    projected = torch.from_numpy(views.reshape(-1, 4)).float() @ w.T
+    assert torch.allclose(projected.std(0), torch.ones(8), atol=1e-3)
+
+
+def test_copy_recall_is_tie_averaged():
+    originals = np.array([[0], [255]], dtype=np.uint8)
+    others = np.array([[1]], dtype=np.uint8)
+    views = np.array([[[0]], [[3]]], dtype=np.uint8)  # first: exact; second: 0b11, nearest is `others` (0b1)
+    assert copy_recall(views, originals, others) == 0.5
+    tied = np.array([[[0]], [[255]]], dtype=np.uint8)
+    assert copy_recall(tied, originals, np.array([[0]], dtype=np.uint8)) == pytest.approx((0.5 + 1) / 2)
+
+
+# -- views and their cache ------------------------------------------------------------------------
+def test_edited_views_are_reproducible_from_the_seed():
+    img = Image.open(sorted(glob.glob(os.path.join(DEMO, "*", "*.jpg")))[0]).convert("RGB")
+    first, again = edited_views(img, 6, seed=3, item=7), edited_views(img, 6, seed=3, item=7)
+    other = edited_views(img, 6, seed=4, item=7)
+    same = lambda a, b: a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))  # noqa: E731
+    assert all(same(a, b) for a, b in zip(first, again))
+    assert not all(same(a, b) for a, b in zip(first, other))
+    assert not any(same(v, img) for v in first)  # every view is edited
+    assert inscribed_size(128, 128, 0) == (128, 128) and inscribed_size(128, 128, 8)[0] < 128
+
+
+def test_views_cache_shape_and_determinism(tmp_path):
+    source = load_data(demo_folder(tmp_path / "imgs", per_class=5))
+    model = Encoder("smallcnn", 16, weights="none", image_size=32)
+    args = (torch.device("cpu"), 8, 0, lambda: torch.autocast("cpu", enabled=False), False)
+    views, kept = extract_views(model, source, 3, 0, *args)
+    assert views.shape == (5, 4, model.config.feature_dim) and views.dtype == torch.float32
+    assert np.array_equal(kept, np.arange(5))
+    again, _ = extract_views(model, source, 3, 0, *args)
+    assert torch.equal(views, again)
+    with torch.inference_mode():  # view 0 is the un-edited image, as encoding it gives
+        plain = model.features(torch.stack([model.preprocess(p) for p in source.paths]))
+    assert torch.allclose(views[:, 0], plain, atol=1e-5)
+    assert not torch.allclose(views[:, 1:], views[:, :1].expand(-1, 3, -1), atol=1e-3)
+    only_edits, _ = extract_views(model, source, 3, 0, *args, original=False)
+    assert torch.equal(only_edits, views[:, 1:])
+
+
+# -- training runs ---------------------------------------------------------------------------------
+def test_copy_radius_recorded_saved_reloaded_and_shown(tmp_path, runner):
+    folder = demo_folder(tmp_path / "imgs", per_class=40)
+    out = tmp_path / "m.ghm"
+    model = ghindex.train(folder, unsupervised=True, objective="views", views=2, epochs=2, val_fraction=0.25,
+                          out=out, **SMALL)
+    radius = model.config.copy_radius
+    training = model.config.extra["training"]
+    assert isinstance(radius, int) and 0 <= radius <= 16
+    assert training["copy_radius"] == {"bits": radius, "percentile": 99.0, "views": 40, "from": "held-out images"}
+    assert training["unsupervised_objective"] == "views" and training["views"] == 2 and training["init"] == "lda"
+    assert Encoder.load(out).config.copy_radius == radius
+    described = info(out)
+    assert described["copy_radius"] == radius and described["objective"] == "unsupervised (views)"
+    result = runner.invoke(cli, ["info", str(out)])
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert any(line.split()[:2] == ["copy_radius", str(radius)] for line in lines), result.output
+    assert any("unsupervised (views)" in line for line in lines)
+
+
+def test_copy_radius_without_held_out_slice_reads_as_the_saved_model_encodes(tmp_path):
+    folder = demo_folder(tmp_path / "imgs", per_class=30)
+    model = ghindex.train(folder, unsupervised=True, epochs=1, val_fraction=0.0, **SMALL)
+    training = model.config.extra["training"]
+    assert training["unsupervised_objective"] == "similarity"
+    assert training["copy_radius"]["from"] == "training images" and training["copy_radius"]["views"] == 4 * 30
+    # the saved model (mean and scale folded into its layer) gives the codes the radius was measured on
+    paths = load_data(folder).paths
+    distances = []
+    for item, path in enumerate(paths):
+        img = Image.open(path).convert("RGB").resize((32, 32))
+        codes = model.encode([img, *edited_views(img, 4, 0, item, stream="copies")])
+        distances += [int(np.bitwise_count(codes[0] ^ c).sum()) for c in codes[1:]]
+    assert model.config.copy_radius == int(np.ceil(np.percentile(distances, 99)))
+
+
+def test_one_class_held_out_line_shows_copy_recall_not_map(tmp_path, caplog):
+    folder = demo_folder(tmp_path / "imgs", per_class=40)
+    with caplog.at_level(logging.INFO, logger="ghindex.train"):
+        ghindex.train(folder, unsupervised=True, epochs=2, val_fraction=0.25, val_every=1, out=tmp_path / "m.ghm",
+                      **SMALL)
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(epochs) == 2
+    assert all("held-out copy recall@1" in line and "held-out mAP" not in line for line in epochs)
+    rows = [json.loads(line) for line in open(tmp_path / "m.ghm.log.jsonl")]
+    assert all("val_map" not in row and 0 <= row["val_copy_recall"] <= 1 for row in rows)
+    assert any("copy radius" in r.getMessage() for r in caplog.records)
+
+
+def test_two_classes_show_both_held_out_measures(tmp_path, caplog):
+    folder = demo_folder(tmp_path / "imgs", classes=("a", "b"), per_class=20)
+    with caplog.at_level(logging.INFO, logger="ghindex.train"):
+        ghindex.train(folder, unsupervised=True, epochs=1, val_fraction=0.25, **SMALL)
+    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")][-1]
+    assert "held-out mAP" in line and "held-out copy recall@1" in line
+
+
+def test_bad_options_are_clear_errors(tmp_path, runner):
+    feats = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    source = DataSource("features", "synthetic", features=feats)
+    with pytest.raises(ConfigError, match="cannot be edited"):
+        ghindex.train(source, bits=8, unsupervised=True, objective="views", epochs=1, progress=False)
+    with pytest.raises(ConfigError, match="unknown objective"):
+        ghindex.train(source, bits=8, unsupervised=True, objective="contrastive", progress=False)
+    for views in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="views must be a positive integer"):
+            ghindex.train(source, bits=8, unsupervised=True, objective="views", views=views, progress=False)
+    with pytest.raises(ConfigError, match="applies to unsupervised"):
+        ghindex.train(source, bits=8, objective="views", progress=False)
+    with pytest.raises(ConfigError, match="lda"):
+        ghindex.train(source, bits=8, unsupervised=True, init="lda", progress=False)
+    array = tmp_path / "f.npz"
+    np.savez(array, features=feats)
+    for args in (["--objective", "views"], ["--objective", "views", "--views", "0"]):
+        result = runner.invoke(cli, ["train", str(array), "--unsupervised", "--bits", "8", "--out",
+                                     str(tmp_path / "m.ghm"), "--no-progress", *args])
+        assert result.exit_code != 0
+        assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1, result.output
+    assert not os.path.exists(tmp_path / "m.ghm")
