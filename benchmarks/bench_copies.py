@@ -49,6 +49,7 @@ Output: a markdown table on stdout; one JSON line per (contender, measure) appen
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import io
 import json
@@ -372,6 +373,9 @@ def main(argv=None) -> None:
     if args.n_queries > args.n_db or args.n_queries < len(EDITS):
         ap.error(f"--n-queries must be between {len(EDITS)} and --n-db")
     out = args.out or os.path.join(RESULTS_DIR, f"copies_{args.n_db}db_{args.bits}bits.jsonl")
+    if importlib.util.find_spec("imagehash") is None:  # before any training: the perceptual hashes come last
+        raise SystemExit("the perceptual hashes need imagehash (a benchmark-only dependency): "
+                         ".venv/bin/python -m pip install imagehash")
     import torch
 
     torch.set_num_threads(args.threads)
