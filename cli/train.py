@@ -22,7 +22,8 @@ from ghindex.data import PROTOCOLS
 @click.option("--root", type=click.Path(exists=True, file_okay=False),
               help="Folder that list-file paths are relative to. [default: the list file's folder]")
 @click.option("--unsupervised", is_flag=True,
-              help="Cosine-preservation objective on frozen backbone features; labels unused.")
+              help="Unsupervised training on frozen backbone features (--objective); labels unused. On images it "
+                   "records the model's copy radius (see `ghindex info`).")
 @click.option("--objective", type=click.Choice(["similarity", "views"]), default=None,
               help="Unsupervised objective: similarity (codes keep the backbone features' cosines; the better "
                    "semantic neighbours) or views (codes of edited copies of an image agree and those of different "
@@ -67,10 +68,10 @@ from ghindex.data import PROTOCOLS
               help="Fine-tuning: backbone layers learn at --lr times this. [default: by --preset for pretrained "
                    "weights, 1 for random ones]")
 @click.option("--val-fraction", type=float, default=0.05, show_default=True,
-              help="Held-out slice of the labelled training items (at most 1,000; 0: none) whose retrieval mAP "
-                   "against the other training items is logged.")
+              help="Held-out slice of the training items (at most 1,000; 0: none) whose retrieval mAP against the "
+                   "other training items (labels of 2+ classes) and, unsupervised on images, copy recall@1 is logged.")
 @click.option("--val-every", type=int, default=5, show_default=True,
-              help="Held-out mAP every this many epochs, and after the last.")
+              help="Held-out measures every this many epochs, and after the last.")
 @click.option("--keep-best", is_flag=True, help="Keep the model of the best held-out mAP instead of the last epoch's.")
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Random horizontal flips while fine-tuning (not used with a frozen backbone).")
