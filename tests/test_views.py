@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -199,3 +200,32 @@ def test_bad_options_are_clear_errors(tmp_path, runner):
         assert result.exit_code != 0
         assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1, result.output
     assert not os.path.exists(tmp_path / "m.ghm")
+
+
+class Crash(Exception):
+    pass
+
+
+def test_views_run_resumes_to_the_same_weights_and_radius(tmp_path, monkeypatch):
+    train_module = sys.modules["ghindex.train"]  # `ghindex.train` the attribute is the function
+    folder = demo_folder(tmp_path / "imgs", per_class=30)
+    common = dict(unsupervised=True, objective="views", views=2, epochs=3, lr_step=2, batch_size=8, seed=5,
+                  val_fraction=0.0, **SMALL)
+    full = ghindex.train(folder, out=tmp_path / "full.ghm", **common)
+    real_write_log = train_module._write_log
+
+    def crash_after(path, history):
+        real_write_log(path, history)
+        if len(history) == 2:
+            raise Crash()
+
+    monkeypatch.setattr(train_module, "_write_log", crash_after)
+    with pytest.raises(Crash):
+        ghindex.train(folder, out=tmp_path / "part.ghm", **common)
+    monkeypatch.setattr(train_module, "_write_log", real_write_log)
+    with pytest.raises(ConfigError, match="views"):
+        ghindex.train(folder, out=tmp_path / "part.ghm", resume=True, **{**common, "views": 3})
+    part = ghindex.train(folder, out=tmp_path / "part.ghm", resume=True, **common)
+    for (name, a), (_, b) in zip(full.state_dict().items(), part.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert part.config.copy_radius == full.config.copy_radius
