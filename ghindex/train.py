@@ -176,7 +176,8 @@ class _TrainingRun(TrainingState):
             "val_every": int(self.val_every), "keep_best": bool(self.keep_best),
         }
         if self.unsupervised_objective == "views":  # (absent otherwise: older checkpoints still resume)
-            self.signature.update(unsupervised_objective="views", views=int(self.views))
+            self.signature.update(unsupervised_objective="views", views=int(self.views),
+                                  optimizer="adam")  # (momentum and weight_decay: SGD's, unused)
         self.weights_info = {"weights": os.fspath(self.weights)}
         if self.weights not in ("none", "imagenet", None) and os.path.isfile(os.fspath(self.weights)):
             self.weights_info["weights_sha256"] = file_fingerprint(self.weights)
