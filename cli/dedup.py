@@ -7,17 +7,20 @@ from .output import echo_rows
 
 
 class RadiusType(click.ParamType):
-    """An integer number of bits or `auto`; the library checks the range (one message for both)."""
+    """An integer number of bits (at least 0) or `auto`; the library checks the upper end (the code width)."""
 
     name = "R|auto"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int) or str(value).strip().lower() == "auto":
-            return value if isinstance(value, int) else "auto"
+        if not isinstance(value, int) and str(value).strip().lower() == "auto":
+            return "auto"
         try:
-            return int(str(value).strip())
+            radius = int(str(value).strip())
         except ValueError:
             self.fail(f"{value!r} is not an integer number of bits or 'auto'", param, ctx)
+        if radius < 0:  # a usage error (exit 2), as every other range option of the CLI
+            self.fail(f"radius must be at least 0, got {radius}", param, ctx)
+        return radius
 
 
 @click.command("dedup")

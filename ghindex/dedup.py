@@ -33,7 +33,9 @@ import numpy as np
 
 from . import dedup_join
 from .dedup_kernels import components, diameters, greedy_keep
+from .dedup_output import check_outputs, group_records, write_outputs
 from .errors import ConfigError, DataError, StoreError
+from .store import CodeStore
 from .store import resolve_radius as store_radius  # the one rule, shared with `query`
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,6 @@ class Collection:
         positions = np.asarray(positions, np.int64)
         if not self.has_paths or not len(positions):
             return [None] * len(positions)
-        from .store import CodeStore
-
         with CodeStore.open(self.store_path, root=self.root) as store:
             return store.resolved_paths(self.rows[positions])
 
@@ -79,7 +79,7 @@ def store_of(codes=None, index=None) -> tuple[str, str]:
         raise ConfigError("give exactly one of codes (a code store, --codes) or index (an index directory, --index)")
     if codes is not None:
         return os.fspath(codes), os.fspath(codes)
-    from .index.files import read_meta, store_path_of
+    from .index.files import read_meta, store_path_of  # faiss: loaded only for --index
 
     name = os.fspath(index)
     meta = read_meta(name)
@@ -93,8 +93,6 @@ def store_of(codes=None, index=None) -> tuple[str, str]:
 
 def open_collection(name: str, path: str, *, root=None) -> Collection:
     """A code store's header (bits, attributes, paths): checks that it opens, reads no codes."""
-    from .store import CodeStore
-
     with CodeStore.open(path, root=root) as store:
         return Collection(name, path, store.bits, np.zeros((0, 0), np.uint64), np.zeros(0, np.int64),
                           np.zeros(0, np.int64), store.attrs, store.has_paths, root)
@@ -102,8 +100,6 @@ def open_collection(name: str, path: str, *, root=None) -> Collection:
 
 def read_codes(collection: Collection, *, progress: bool = False) -> Collection:
     """Fill `collection` with the live rows of its store, read chunk by chunk into word-major codes."""
-    from .store import CodeStore
-
     path = collection.store_path
     with CodeStore.open(path, root=collection.root) as store:
         live = ~store.deleted()
@@ -259,8 +255,6 @@ class DedupResult:
 
     def records(self, with_paths: bool = True):
         """One dict per group, largest first (see `ghindex.dedup_output` for the fields)."""
-        from .dedup_output import group_records
-
         return group_records(self, with_paths=with_paths)
 
 
@@ -282,8 +276,6 @@ def dedup(codes=None, index=None, radius="auto", *, against=None, keep: str = "f
     `ghindex remove --ids-file`), `grid` (PNG: the largest groups, one row each, with ids and
     distances; needs image paths), `out` (the groups in `fmt`: table, json, jsonl or csv).
     """
-    from .dedup_output import check_outputs, write_outputs
-
     start = time.perf_counter()
     if keep not in KEEP_RULES:
         raise ConfigError(f"keep must be one of {', '.join(KEEP_RULES)}, got {keep!r}")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from . import flatscan
 from .dedup_kernels import join_kernel, radix_argsort, runs
 from .errors import ConfigError
 
@@ -390,8 +391,6 @@ def cross_pairs(X: np.ndarray, Y: np.ndarray, bits: int, radius: int, *, method:
 def reference_pairs(codes: np.ndarray, radius: int, other: np.ndarray | None = None):
     """The same pairs by another road, for tests and benchmarks: `ghindex.flatscan.range_search`, every
     code as a query against all (or against `other`). (a, b, distance) sorted by (a, b)."""
-    from . import flatscan
-
     codes = np.ascontiguousarray(codes)
     db = codes if other is None else np.ascontiguousarray(other)
     if not len(codes) or not len(db):

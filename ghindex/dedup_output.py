@@ -26,6 +26,8 @@ import numpy as np
 
 from .errors import ConfigError
 from .io import atomic_path
+from .query import to_json
+from .query import write_grid as draw_query_grid
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,6 @@ def check_outputs(collection, grid) -> None:
 
 
 def _to_json(value) -> str:
-    from .query import to_json
-
     return to_json(value)
 
 
@@ -212,8 +212,6 @@ def write_grid(result, path) -> str:
     """PNG (via `ghindex.query.write_grid`): the largest groups, a row each: a kept member (blue frame),
     then the others with their distance to it, framed green within the radius, red further (joined by
     a chain). Captions: `#id`."""
-    from .query import write_grid as draw
-
     g = result.groups
     paths = _member_paths(result) or {}
     rows = []
@@ -236,7 +234,7 @@ def write_grid(result, path) -> str:
         })
     if not rows:
         log.warning("no groups: the grid %s shows none", path)
-    return draw(rows, path)
+    return draw_query_grid(rows, path)
 
 
 def _distances(result, anchor: int, others: np.ndarray) -> np.ndarray:

@@ -42,6 +42,7 @@ import torch
 
 from .batching import batches, normalize_batch
 from .device import autocast_context, exact_fp32, resolve_device, resolve_precision
+from .encoder import Encoder
 from .encode_state import (
     SUMMARY_SKIPPED_LIMIT,
     _append_base,
@@ -113,8 +114,6 @@ def encode_local(model, data, out, *, protocol, split, seed, root, batch_size, w
         raise ConfigError("overwrite cannot be combined with resume or append")
     if os.path.isdir(out):
         raise StoreError(f"{out} is a directory; --out must be a code store file")
-
-    from .encoder import Encoder
 
     config = Encoder.read_config(model)
     dev = resolve_device(device)
@@ -330,8 +329,6 @@ def _run(journal, run, model, out, partial, dev, precision, runtime, batch_size,
 def _encode_loop(journal, store, run, model_path, dev, precision, runtime, batch_size, workers, strict,
                  checkpoint_seconds, checkpoint_rows, progress, position, n_skipped, skipped_items, pack):
     from tqdm import tqdm
-
-    from .encoder import Encoder
 
     src = run.source
     n = len(src)

@@ -16,9 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError, DataError, ModelFileError, SearchError, StoreError
+from .encoder import Encoder
+from .errors import ConfigError, DataError, ImageError, ModelFileError, SearchError, StoreError
 from .ids import StoreLookup, parse_ids
+from .images import load_image
 from .io import atomic_path, file_fingerprint
+from .runtime import use_runtime
+from .store import CodeStore
 from .store import resolve_radius
 
 log = logging.getLogger(__name__)
@@ -102,11 +106,9 @@ class Searcher:
     def __init__(self, index, model=None, *, force: bool = False, gpu: str = "auto", gpu_shard: bool = False,
                  device=None, need_store: bool = False, root=None, engine: str = "ghindex",
                  runtime: str = "torch"):
-        from .index import Index
+        from .index import Index  # faiss: loaded when a searcher opens an index
         from .index.files import store_path_of
         from .index.lookup import CodesById
-        from .store import CodeStore
-
         self.index = index if isinstance(index, Index) else Index.load(index, gpu=gpu, gpu_shard=gpu_shard,
                                                                        engine=engine)
         self.name = str(self.index.path) if self.index.path is not None else "<in memory>"
@@ -148,9 +150,6 @@ class Searcher:
         return resolve_radius("auto", self.store.attrs, self.index.bits, f"code store {self.store_path}")
 
     def _load_model(self, model, device, runtime: str) -> None:
-        from .encoder import Encoder
-        from .runtime import use_runtime
-
         idx, index_encoder = self.index, self.index.meta.get("encoder_fingerprint")
         # The header first: a missing, foreign or unsafe file, or a model of other bits, is named as such
         # rather than as "not the index's model".
@@ -298,8 +297,6 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
     Each result: {"query", "query_id", "query_path", "query_label", "query_label_name",
     "neighbors": [{"rank", "id", "distance", "path", "label", "label_name", "relevant"}]}.
     """
-    from .store import CodeStore
-
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ConfigError(f"k must be a positive integer, got {k!r}")
     auto_radius = isinstance(radius, str) and radius.strip().lower() == "auto"
@@ -472,9 +469,6 @@ _LONE_SURROGATE = re.compile("[\udc80-\udcff]")
 def write_grid(results: list[dict], path) -> str:
     """PNG: a row per query (its image, then its neighbours), frames green/red by relevance."""
     from PIL import Image, ImageDraw
-
-    from .errors import ImageError
-    from .images import load_image
 
     rows = results[:GRID_MAX_QUERIES]
     if len(results) > GRID_MAX_QUERIES:

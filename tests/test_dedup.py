@@ -380,7 +380,6 @@ def test_bad_input_is_one_error_line_and_writes_nothing(runner, collection, tmp_
     gone = write_store(tmp / "gone.h5", codes[:3], deleted=[0, 1, 2])
     twice = write_store(tmp / "twice.h5", codes[:3], ids=[1, 2, 1])
     cases = [
-        (["--codes", store, "--radius", -1], "at least 0"),
         (["--codes", store, "--radius", 65], "above the code width (64 bits)"),
         (["--codes", no_ids, "--radius", 2], "not a ghindex code store"),
         (["--codes", empty, "--radius", 2], "holds no codes"),
@@ -393,6 +392,8 @@ def test_bad_input_is_one_error_line_and_writes_nothing(runner, collection, tmp_
     for args, words in cases:
         line = errors_only(run(runner, *args, *outputs))
         assert words in line, (args, line)
+    negative = run(runner, "--codes", store, "--radius", -1, *outputs)  # a usage error, as query's --radius -1
+    assert negative.exit_code == 2 and "at least 0" in negative.output.strip().splitlines()[-1], negative.output
     assert not [p for p in tmp.iterdir() if p.suffix in (".csv", ".txt", ".jsonl", ".png", ".tmp")]
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
+from ..images import load_image
 from ..query import query_record
 from .responses import ApiError
 from .service import SearchJob
@@ -95,8 +96,6 @@ def _display_name(name: str | None, fallback: str) -> str:
 
 
 def _decode_upload(data: bytes, name: str):
-    from ..images import load_image
-
     stream = io.BytesIO(data)
     stream.name = f"upload {name!r}"
     return load_image(stream)

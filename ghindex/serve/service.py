@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from ..images import load_image
 from ..query import Queries, Searcher, search_depth
 from .batching import MicroBatcher
 from .metrics import Metrics
@@ -155,8 +156,6 @@ def scan_threads(queries: int) -> int:
 def _thumbnail(path: str) -> tuple[bytes, str]:
     """A database image at most THUMBNAIL_PX on its longest side: PNG when small, else JPEG."""
     from PIL import Image
-
-    from ..images import load_image
 
     img = load_image(path)
     img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.LANCZOS)
