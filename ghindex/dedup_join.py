@@ -303,14 +303,29 @@ def pairs(X: np.ndarray, bits: int, radius: int, *, method: str = "auto", thread
     if n < 2:
         return empty
     if p.method == "scan":
-        bar = _bar(p.scan_pairs, progress, "dedup scan")
         tasks, work = _triangle_tasks(np.zeros(1, np.int64), np.array([n], np.int64))
-        try:
-            i, j, d = _run(X, X, tasks, work, radius, -1, np.zeros((1, X.shape[0]), np.uint64), nthreads, bar)
-        finally:
-            if bar is not None:
-                bar.close()
-        return (*_finish(i, j, d), p)
+        return (*_scan(X, X, tasks, work, radius, nthreads, p.scan_pairs, progress), p)
+
+    def blocks(lo, hi):  # the codes that share substring [lo, hi) with another, bucket by bucket
+        order, _, starts, sizes = _buckets(substring_keys(X, lo, hi), hi - lo)
+        if not len(sizes):
+            return None
+        rows = _gather(order, starts, sizes)
+        del order  # N positions: only the rows in buckets are needed from here on
+        Xs = np.ascontiguousarray(X[:, rows])
+        return (Xs, Xs, *_triangle_tasks(np.cumsum(sizes) - sizes, sizes), rows, rows)
+
+    found = _mih(X, bits, radius, p, nthreads, progress, blocks)
+    if found is None:
+        return empty
+    a, b, d = found
+    return (*_finish(np.minimum(a, b), np.maximum(a, b), d), p)
+
+
+def _mih(X, bits: int, radius: int, p, nthreads: int, progress: bool, blocks):
+    """Multi-index hashing: for each of the plan's substrings, `blocks(lo, hi)` gives the candidates
+    (codes A, codes B, tasks, work, rows of A, rows of B) or None; returns the pairs within the radius as
+    (rows of A, rows of B, distances), each pair found once over all rounds, or None when there are none."""
     masks = substring_masks(bits, p.substrings, X.shape[0])
     bar = _bar(p.mih_candidates or 0, progress, "dedup mih")
     found = []
@@ -318,23 +333,30 @@ def pairs(X: np.ndarray, bits: int, radius: int, *, method: str = "auto", thread
         for s, (lo, hi) in enumerate(substrings(bits, p.substrings)):
             if bar is not None:
                 bar.set_description(f"dedup mih {s + 1}/{p.substrings}")
-            order, _, starts, sizes = _buckets(substring_keys(X, lo, hi), hi - lo)
-            if not len(sizes):
+            got = blocks(lo, hi)
+            if got is None:
                 continue
-            rows = _gather(order, starts, sizes)
-            del order  # N positions: only the rows in buckets are needed from here on
-            Xs = np.ascontiguousarray(X[:, rows])
-            tasks, work = _triangle_tasks(np.cumsum(sizes) - sizes, sizes)
+            A, B, tasks, work, rows_a, rows_b = got
             _extrapolate(bar, int(work.sum()), s, p.substrings)
-            i, j, d = _run(Xs, Xs, tasks, work, radius, s, masks, nthreads, bar)
-            a, b = rows[i], rows[j]
-            found.append((np.minimum(a, b), np.maximum(a, b), d))
+            i, j, d = _run(A, B, tasks, work, radius, s, masks, nthreads, bar)
+            found.append((rows_a[i], rows_b[j], d))
     finally:
         if bar is not None:
             bar.close()
     if not found:
-        return empty
-    return (*_finish(*(np.concatenate([f[c] for f in found]) for c in range(3))), p)
+        return None
+    return tuple(np.concatenate([f[c] for f in found]) for c in range(3))
+
+
+def _scan(X, Y, tasks, work, radius: int, nthreads: int, total, progress: bool):
+    """The exact blocked scan over `tasks` (no substring filter): sorted (i, j, distances)."""
+    bar = _bar(total, progress, "dedup scan")
+    try:
+        i, j, d = _run(X, Y, tasks, work, radius, -1, np.zeros((1, X.shape[0]), np.uint64), nthreads, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return _finish(i, j, d)
 
 
 def cross_pairs(X: np.ndarray, Y: np.ndarray, bits: int, radius: int, *, method: str = "auto",
@@ -353,39 +375,24 @@ def cross_pairs(X: np.ndarray, Y: np.ndarray, bits: int, radius: int, *, method:
     if not nx or not ny:
         return empty
     if p.method == "scan":
-        bar = _bar(p.scan_pairs, progress, "dedup scan")
         tasks, work = _rectangle_tasks(np.zeros(1, np.int64), np.array([nx]), np.zeros(1, np.int64), np.array([ny]))
-        try:
-            i, j, d = _run(X, Y, tasks, work, radius, -1, np.zeros((1, X.shape[0]), np.uint64), nthreads, bar)
-        finally:
-            if bar is not None:
-                bar.close()
-        return (*_finish(i, j, d), p)
-    masks = substring_masks(bits, p.substrings, X.shape[0])
-    bar = _bar(p.mih_candidates or 0, progress, "dedup mih")
-    found = []
-    try:
-        for s, (lo, hi) in enumerate(substrings(bits, p.substrings)):
-            if bar is not None:
-                bar.set_description(f"dedup mih {s + 1}/{p.substrings}")
-            order_x, keys_x, starts_x, sizes_x = _buckets(substring_keys(X, lo, hi), hi - lo, 1)
-            order_y, keys_y, starts_y, sizes_y = _buckets(substring_keys(Y, lo, hi), hi - lo, 1)
-            _, ix, iy = np.intersect1d(keys_x[starts_x], keys_y[starts_y], assume_unique=True, return_indices=True)
-            if not len(ix):
-                continue
-            sx, cx, sy, cy = starts_x[ix], sizes_x[ix], starts_y[iy], sizes_y[iy]
-            rows_x, rows_y = _gather(order_x, sx, cx), _gather(order_y, sy, cy)
-            Xs, Ys = np.ascontiguousarray(X[:, rows_x]), np.ascontiguousarray(Y[:, rows_y])
-            tasks, work = _rectangle_tasks(np.cumsum(cx) - cx, cx, np.cumsum(cy) - cy, cy)
-            _extrapolate(bar, int(work.sum()), s, p.substrings)
-            i, j, d = _run(Xs, Ys, tasks, work, radius, s, masks, nthreads, bar)
-            found.append((rows_x[i], rows_y[j], d))
-    finally:
-        if bar is not None:
-            bar.close()
-    if not found:
+        return (*_scan(X, Y, tasks, work, radius, nthreads, p.scan_pairs, progress), p)
+
+    def blocks(lo, hi):  # buckets of substring [lo, hi) that both sides have
+        order_x, keys_x, starts_x, sizes_x = _buckets(substring_keys(X, lo, hi), hi - lo, 1)
+        order_y, keys_y, starts_y, sizes_y = _buckets(substring_keys(Y, lo, hi), hi - lo, 1)
+        _, ix, iy = np.intersect1d(keys_x[starts_x], keys_y[starts_y], assume_unique=True, return_indices=True)
+        if not len(ix):
+            return None
+        sx, cx, sy, cy = starts_x[ix], sizes_x[ix], starts_y[iy], sizes_y[iy]
+        rows_x, rows_y = _gather(order_x, sx, cx), _gather(order_y, sy, cy)
+        Xs, Ys = np.ascontiguousarray(X[:, rows_x]), np.ascontiguousarray(Y[:, rows_y])
+        return (Xs, Ys, *_rectangle_tasks(np.cumsum(cx) - cx, cx, np.cumsum(cy) - cy, cy), rows_x, rows_y)
+
+    found = _mih(X, bits, radius, p, nthreads, progress, blocks)
+    if found is None:
         return empty
-    return (*_finish(*(np.concatenate([f[c] for f in found]) for c in range(3))), p)
+    return (*_finish(*found), p)
 
 
 def reference_pairs(codes: np.ndarray, radius: int, other: np.ndarray | None = None):

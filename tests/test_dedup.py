@@ -613,26 +613,13 @@ def test_serve_duplicates_command(served, runner, tmp_path):
     """The real command: `ghindex serve --duplicates FILE` says where the page is and serves it."""
     import httpx
 
-    proc = subprocess.Popen([sys.executable, "-m", "ghindex_cli", "serve", "--index", str(served["index"]),
-                             "--duplicates", str(served["jsonl"]), "--port", "0"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=tmp_path)
-    try:
-        lines = [proc.stderr.readline()]
-        while not lines[-1].startswith("ghindex serve:") and lines[-1] and len(lines) < 20:
-            lines.append(proc.stderr.readline())
-        assert "4 duplicate groups at /duplicates" in lines[-1], lines
-        url = lines[-1].split()[2]
-        with httpx.Client(base_url=url, timeout=30) as c:
+    from test_serve import serve_process
+
+    with serve_process(["--index", served["index"], "--duplicates", served["jsonl"]], tmp_path) as (line, _):
+        assert "4 duplicate groups at /duplicates" in line, line
+        with httpx.Client(base_url=line.split()[2], timeout=30) as c:
             assert c.get("api/duplicates").json()["total"] == 4
             assert "duplicates.js" in c.get("duplicates").text
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            rest = proc.communicate(timeout=30)[1]
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert proc.returncode == 0 and "Traceback" not in rest, rest
     result = runner.invoke(cli, ["serve", "--index", str(served["index"]), "--duplicates", str(tmp_path / "no.jsonl"),
                                  "--port", "0"])
     assert result.exit_code == 1 and result.stderr.strip().splitlines()[-1].startswith("Error: duplicates file not found")

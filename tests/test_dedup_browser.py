@@ -2,60 +2,16 @@
 `chromium`) driven by Playwright loads /duplicates from a running server, sees the groups largest first
 with their images, distances and kept marks, follows a neighbour link, opens the search page from an
 image, and fits a phone's width."""
-import threading
-import time
-from pathlib import Path
-
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run installs it)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install '.[dev]')")
-pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install '.[serve]'")
-
-from ghindex.serve import make_server  # noqa: E402
-from test_dedup import find_groups, make_duplicates_index  # noqa: E402
-
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
-LAPTOP = {"width": 1280, "height": 860}
-PHONE = {"width": 390, "height": 844}
-
-
-class RunningServer:
-    """`ghindex serve --duplicates` in a thread of this process, on 127.0.0.1 and a free port."""
-
-    def __init__(self, index, duplicates, **options):
-        self.server, self.sock, self.url, _ = make_server(index, host="127.0.0.1", port=0, duplicates=duplicates,
-                                                          **options)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
+from test_dedup import find_groups, make_duplicates_index
+# the browser, the server in a thread and the viewports are the search page test's (it skips without Chromium)
+from test_serve_browser import LAPTOP, PHONE, RunningServer, browser  # noqa: F401 - browser: a fixture
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_duplicates_index(tmp_path_factory.mktemp("dedup-browser"))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 def images_loaded(page):
@@ -67,7 +23,7 @@ def images_loaded(page):
 def test_review_groups_follow_a_neighbour_and_search_by_an_image(browser, data, tmp_path):
     groups = find_groups(data["codes"], 2)
     ids = data["ids"]
-    with RunningServer(data["index"], data["jsonl"]) as server:
+    with RunningServer(data["index"], duplicates=data["jsonl"]) as server:
         page = browser.new_page(viewport=LAPTOP)
         errors, outside = [], []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -117,7 +73,7 @@ def test_review_groups_follow_a_neighbour_and_search_by_an_image(browser, data, 
 
 
 def test_review_page_asks_for_the_token(browser, data):
-    with RunningServer(data["index"], data["jsonl"], token="open sesame") as server:
+    with RunningServer(data["index"], duplicates=data["jsonl"], token="open sesame") as server:
         page = browser.new_page(viewport=LAPTOP)
         page.goto(server.url + "duplicates")
         page.wait_for_selector("#token-form:not([hidden])")

@@ -1,6 +1,7 @@
 """`ghindex serve`: every endpoint and error through an in-process client, equality with `query` and
 `ghindex query --format json`, micro-batching, token, body limit, thumbnails, metrics, the CLI."""
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -716,19 +717,34 @@ def test_host_warning_and_sizes():
     assert parse_upload_size("1000") == 1000 and parse_upload_size("1.5GB") == int(1.5 * 2**30)
 
 
-def test_serve_runs_and_prints_its_url(data, tmp_path):
-    """The real command: one URL line on stderr within seconds, answers over TCP, stops on Ctrl-C."""
-    env = dict(os.environ, GHINDEX_TOKEN="tok")
-    proc = subprocess.Popen([sys.executable, "-m", "ghindex_cli", "serve", "--index", str(data["index"]),
-                             "--model", str(data["model"]), "--port", "0"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
+@contextlib.contextmanager
+def serve_process(args, cwd, env=None):
+    """`ghindex serve ARGS` as a real process: yields (its URL line, a dict that gets "stderr", the rest of
+    stderr, once the process has stopped on Ctrl-C). Fails if it exits non-zero or prints a traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "ghindex_cli", "serve", *map(str, args), "--port", "0"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=cwd)
+    after = {}
     try:
-        start = time.monotonic()
         lines = [proc.stderr.readline()]
         while not lines[-1].startswith("ghindex serve:") and lines[-1] and len(lines) < 20:
             lines.append(proc.stderr.readline())  # e.g. "no GPU visible to FAISS" before it
-        line = lines[-1]
-        assert line.startswith("ghindex serve: http://127.0.0.1:"), lines
+        assert lines[-1].startswith("ghindex serve: http://127.0.0.1:"), lines
+        yield lines[-1], after
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            after["stderr"] = proc.communicate(timeout=30)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0 and "Traceback" not in after["stderr"], after["stderr"]
+
+
+def test_serve_runs_and_prints_its_url(data, tmp_path):
+    """The real command: one URL line on stderr within seconds, answers over TCP, stops on Ctrl-C."""
+    env = dict(os.environ, GHINDEX_TOKEN="tok")
+    start = time.monotonic()
+    with serve_process(["--index", data["index"], "--model", data["model"]], tmp_path, env) as (line, after):
         assert time.monotonic() - start < 60
         url = line.split()[2]
         with httpx.Client(base_url=url, timeout=30) as c:
@@ -736,14 +752,7 @@ def test_serve_runs_and_prints_its_url(data, tmp_path):
             r = c.get("api/health", headers={"Authorization": "Bearer tok"})
             assert r.json()["ntotal"] == len(data["ids"])
             assert "<title>ghindex</title>" in c.get("").text
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            rest = proc.communicate(timeout=30)[1]
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert proc.returncode == 0 and "Traceback" not in rest and "stopped" in rest, rest
+    assert "stopped" in after["stderr"], after["stderr"]
 
 
 def test_readme_serve_block_uses_real_options():

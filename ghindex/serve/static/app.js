@@ -13,7 +13,7 @@
     seq: 0, // newer searches win over slower older ones
   };
 
-  class AuthError extends Error {}
+  const { AuthError } = window.ghindexClient;
 
   const k = () => parseInt($("k").value, 10) || 10;
   const fmt = (n) => Number(n).toLocaleString("en-US");
@@ -23,38 +23,8 @@
     return Array.isArray(v) ? v.join(", ") : String(v);
   };
 
-  async function api(path, options = {}) {
-    const headers = new Headers(options.headers || {});
-    if (state.token) headers.set("Authorization", "Bearer " + state.token);
-    const res = await fetch(path, { ...options, headers });
-    if (res.status === 401) {
-      showToken(state.token ? "That token was not accepted." : "");
-      throw new AuthError("This server needs a token.");
-    }
-    if (!res.ok) {
-      let message = res.status + " " + res.statusText;
-      try {
-        const body = await res.json();
-        if (body && body.error) message = body.error;
-      } catch (_) { /* not JSON */ }
-      throw new Error(message);
-    }
-    return res;
-  }
-
-  // Images of stored ids: a plain URL, or fetched with the token and shown from a blob.
-  function setImage(img, id) {
-    const url = "/api/items/" + encodeURIComponent(id) + "/image";
-    if (!state.token) {
-      img.src = url;
-      return;
-    }
-    api(url).then((res) => res.blob()).then((blob) => {
-      const objectUrl = URL.createObjectURL(blob);
-      state.urls.push(objectUrl);
-      img.src = objectUrl;
-    }).catch(() => img.dispatchEvent(new Event("error")));
-  }
+  const { api, setImage } = window.ghindexClient.connect(
+    state, () => showToken(state.token ? "That token was not accepted." : ""), (url) => state.urls.push(url));
 
   function releaseUrls() {
     state.urls.forEach((u) => URL.revokeObjectURL(u));

@@ -11,37 +11,12 @@
   const fmt = (n) => Number(n).toLocaleString("en-US");
   const bits = (d) => `${d} bit${d === 1 ? "" : "s"}`;
 
-  class AuthError extends Error {}
+  const { AuthError } = window.ghindexClient;
 
-  async function api(path) {
-    const headers = new Headers();
-    if (state.token) headers.set("Authorization", "Bearer " + state.token);
-    const res = await fetch(path, { headers });
-    if (res.status === 401) {
-      $("token-form").hidden = false;
-      $("token-input").focus();
-      throw new AuthError("This server needs a token.");
-    }
-    if (!res.ok) {
-      let message = res.status + " " + res.statusText;
-      try {
-        const body = await res.json();
-        if (body && body.error) message = body.error;
-      } catch (_) { /* not JSON */ }
-      throw new Error(message);
-    }
-    return res;
-  }
-
-  function setImage(img, id) {
-    const url = "/api/items/" + encodeURIComponent(id) + "/image";
-    if (!state.token) {
-      img.src = url;
-      return;
-    }
-    api(url).then((res) => res.blob()).then((blob) => { img.src = URL.createObjectURL(blob); })
-      .catch(() => img.dispatchEvent(new Event("error")));
-  }
+  const { api, setImage } = window.ghindexClient.connect(state, () => {
+    $("token-form").hidden = false;
+    $("token-input").focus();
+  });
 
   function showError(message) {
     $("error").textContent = message || "";
