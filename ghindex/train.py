@@ -414,9 +414,11 @@ class _TrainingRun(TrainingState):
         if self.copy_views is not None:  # measured on the head as it trained (centred rows), before the fold
             self.copy_radius = measure_copy_radius(self)
             model.config.copy_radius = self.copy_radius["bits"]
-            logger.info("copy radius %d bits: the %gth percentile of Hamming(edited view, original) over %d "
-                        "views of %s", self.copy_radius["bits"], self.copy_radius["percentile"],
-                        self.copy_radius["views"], self.copy_radius["from"])
+            logger.info("copy radius %d bits: %.1f%% of %d edited views of %s fall within it of their original "
+                        "(their %gth percentile: %d bits), different images %.1e of pairs", self.copy_radius["bits"],
+                        100 * self.copy_radius["copy_recall"], self.copy_radius["views"], self.copy_radius["from"],
+                        self.copy_radius["percentile"], self.copy_radius["copies_p99"],
+                        self.copy_radius["false_match_rate"])
         if self.feature_scale is not None:  # trained on centred rows: the saved first layer reads raw f
             layer = model.hidden_layer if model.hidden_layer is not None else model.hash_layer
             with torch.no_grad():
@@ -521,7 +523,8 @@ def train(
         semantic neighbours worse (mAP@1000 0.39 vs 0.60), hence not the default.
     Every unsupervised run on images records a copy radius (`config.copy_radius`, ``training["copy_radius"]``):
         the 99th percentile of the Hamming distance between 4 edited views of the held-out images (without
-        a held-out slice: of up to 500 training images) and their originals; and its held-out slice
+        a held-out slice: of up to 500 training images) and their originals, lowered until at most 1e-5 of
+        the pairs of different images fall within it (`ghindex.train_views.copy_radius`); and its held-out slice
         (labelled or not) reports the copy recall@1 of those views (``val_copy_recall``). The held-out
         mAP needs labels of two classes or more.
     runtime: where a frozen backbone computes the cached features (`ghindex.runtime`): ``auto`` (ONNX

@@ -8,7 +8,9 @@ copy measures (held-out copy recall@1, the copy radius) of unsupervised runs on 
   with a progress bar and its rate on stderr. Images are edited at the model's input size.
 - `lda_init(rows, bits)`: the directions that best separate images relative to how their views spread.
 - `copy_recall(queries, originals, others)`: tie-averaged recall@1 of edited views among originals.
-- `copy_radius(view_codes, original_codes)`: the 99th percentile of Hamming(view, its original).
+- `copy_radius(view_codes, original_codes, other_codes)`: the radius within which edited views fall on
+  their originals (99th percentile of Hamming(view, its original)), lowered until pairs of different
+  images within it are rarer than FALSE_MATCH_RATE.
 - `prepare_copy_views`, `held_out_copy_recall`, `measure_copy_radius`: those measures for a training run
   (views of a "copies" stream, never the training views: a radius measured on views the codes were
   trained on would be too small).
@@ -35,6 +37,10 @@ logger = logging.getLogger("ghindex.train")  # one logger for all of training
 
 COPY_VIEWS = 4  # edited views per image that measure copies (held-out recall, copy radius)
 RADIUS_PERCENTILE = 99.0
+# At most this fraction of pairs of different images may fall within the copy radius. Without it the 99th
+# percentile alone gave 28 of 64 bits on CIFAR-10 (views objective): 1,114 false matches per query among
+# 5,000 images (benchmarks/RESULTS.md, "Copies"); a dedup at that radius groups nearly everything.
+FALSE_MATCH_RATE = 1e-5
 MAX_RADIUS_ITEMS = 500  # without a held-out slice, the copy radius comes from this many training images
 MAX_RECALL_OTHERS = 5000  # held-out copy recall: originals are searched among at most this many other items
 LDA_SHRINK = 0.1  # within-image scatter + LDA_SHRINK * its mean eigenvalue: a ridge for directions views never span
@@ -146,11 +152,28 @@ def copy_recall(view_codes: np.ndarray, original_codes: np.ndarray, other_codes:
     return float(np.where(closer == 0, 1.0 / tied, 0.0).mean())
 
 
-def copy_radius(view_codes: np.ndarray, original_codes: np.ndarray) -> int:
-    """The 99th percentile (rounded up) of the Hamming distances between edited views (N, V, bytes) and
-    their originals (N, bytes): within it, a code is a copy."""
-    distances = np.bitwise_count(view_codes ^ original_codes[:, None, :]).sum(2)
-    return int(np.ceil(np.percentile(distances, RADIUS_PERCENTILE)))
+def copy_radius(view_codes: np.ndarray, original_codes: np.ndarray, other_codes: np.ndarray) -> dict:
+    """The copy radius from edited views (N, V, bytes) of N images, their originals (N, bytes) and codes of
+    other, different images (M, bytes): the 99th percentile (rounded up) of Hamming(view, its original),
+    lowered to the largest radius within which at most FALSE_MATCH_RATE of the pairs of different images
+    (originals and others) fall. {"bits", "copies_p99", "false_match_rate", "copy_recall"}: the radius,
+    the percentile, the measured rate of different-image pairs within the radius, and the fraction of
+    views within it of their original."""
+    copies = np.bitwise_count(view_codes ^ original_codes[:, None, :]).sum(2).ravel()
+    p99 = int(np.ceil(np.percentile(copies, RADIUS_PERCENTILE)))
+    codes = np.concatenate([original_codes, other_codes])
+    n, bits = len(codes), codes.shape[1] * 8
+    counts = np.zeros(bits + 1, np.int64)
+    for i in range(0, n, 512):  # every pair once: each chunk against the codes after its first row
+        d = hamming_rows(codes[i:i + 512], codes[i:])
+        later = np.arange(d.shape[1])[None, :] > np.arange(d.shape[0])[:, None]
+        counts += np.bincount(d[later], minlength=bits + 1)
+    pairs = max(n * (n - 1) // 2, 1)
+    rate = np.cumsum(counts) / pairs  # fraction of different-image pairs within each radius
+    allowed = np.flatnonzero(rate <= FALSE_MATCH_RATE)
+    radius = min(p99, int(allowed.max())) if len(allowed) else 0
+    return {"bits": radius, "copies_p99": p99, "false_match_rate": float(rate[radius]),
+            "copy_recall": round(float((copies <= radius).mean()), 4)}
 
 
 # -- the copy measures of a run (`ghindex.train._TrainingRun` calls these with itself) ----------------------
@@ -201,9 +224,13 @@ def held_out_copy_recall(run: TrainingState) -> float:
 
 
 def measure_copy_radius(run: TrainingState) -> dict:
-    """The copy radius of the trained head: {"bits", "percentile", "views", "from"}."""
+    """The copy radius of the trained head (`copy_radius`), with how it was measured."""
     views = run.copy_views
     view_codes = _codes(run, views.flatten(0, 1)).reshape(len(views), views.shape[1], -1)
-    radius = copy_radius(view_codes, _codes(run, run.copy_originals))
-    return {"bits": radius, "percentile": RADIUS_PERCENTILE, "views": int(views.shape[0] * views.shape[1]),
+    originals = _codes(run, run.copy_originals)
+    others = originals[:0] if run.copy_others is None else \
+        _codes(run, run.cached[torch.from_numpy(run.copy_others).to(run.cached.device)])
+    measured = copy_radius(view_codes, originals, others)
+    return {**measured, "percentile": RADIUS_PERCENTILE, "max_false_match_rate": FALSE_MATCH_RATE,
+            "views": int(views.shape[0] * views.shape[1]),
             "from": "held-out images" if run.val_source is not None else "training images"}

@@ -129,7 +129,11 @@ def test_copy_radius_recorded_saved_reloaded_and_shown(tmp_path, runner):
     radius = model.config.copy_radius
     training = model.config.extra["training"]
     assert isinstance(radius, int) and 0 <= radius <= 16
-    assert training["copy_radius"] == {"bits": radius, "percentile": 99.0, "views": 40, "from": "held-out images"}
+    measured = training["copy_radius"]
+    assert {k: measured[k] for k in ("bits", "percentile", "views", "from")} == \
+        {"bits": radius, "percentile": 99.0, "views": 40, "from": "held-out images"}
+    assert radius <= measured["copies_p99"] and measured["false_match_rate"] <= 1e-5
+    assert 0 <= measured["copy_recall"] <= 1
     assert training["unsupervised_objective"] == "views" and training["views"] == 2 and training["init"] == "lda"
     assert Encoder.load(out).config.copy_radius == radius
     described = info(out)
@@ -154,7 +158,31 @@ def test_copy_radius_without_held_out_slice_reads_as_the_saved_model_encodes(tmp
         img = Image.open(path).convert("RGB").resize((32, 32))
         codes = model.encode([img, *edited_views(img, 4, 0, item, stream="copies")])
         distances += [int(np.bitwise_count(codes[0] ^ c).sum()) for c in codes[1:]]
-    assert model.config.copy_radius == int(np.ceil(np.percentile(distances, 99)))
+    measured = training["copy_radius"]
+    assert measured["copies_p99"] == int(np.ceil(np.percentile(distances, 99)))
+    assert model.config.copy_radius == measured["bits"] <= measured["copies_p99"]
+    assert measured["copy_recall"] == round(float(np.mean(np.array(distances) <= measured["bits"])), 4)
+
+
+def test_copy_radius_stops_where_different_images_start():
+    """Views at most 2 bits from their originals, different images far apart: the radius is the views' 99th
+    percentile (2). Add other images 1 bit from the originals: it falls to 0, where no pair of different
+    images is."""
+    from ghindex.train_views import copy_radius
+
+    rng = np.random.default_rng(0)
+    originals = rng.integers(0, 256, (60, 8), dtype=np.uint8)
+    apart = np.bitwise_count(originals[:, None] ^ originals[None]).sum(2) + 64 * np.eye(60, dtype=np.int64)
+    assert apart.min() > 4
+    views = np.repeat(originals[:, None, :], 4, 1)
+    views[:, :, 0] ^= rng.integers(0, 4, (60, 4), dtype=np.uint8)  # bits 0 and 1 of byte 0 at random
+    measured = copy_radius(views, originals, np.zeros((0, 8), np.uint8))
+    assert measured["copies_p99"] == 2 and measured["bits"] == 2 and measured["copy_recall"] == 1.0
+    near = originals.copy()
+    near[:, 7] ^= 0x80  # 60 other images, each 1 bit from an original: far more than 1e-5 of the pairs
+    measured = copy_radius(views, originals, near)
+    assert measured["copies_p99"] == 2 and measured["bits"] == 0 and measured["false_match_rate"] == 0
+    assert 0 < measured["copy_recall"] < 1
 
 
 def test_one_class_held_out_line_shows_copy_recall_not_map(tmp_path, caplog):
