@@ -349,6 +349,37 @@ def table(rows: list[dict], bits: int) -> str:
     return "\n".join(lines)
 
 
+def dedup_set(folder: str, model, db_paths, queries, originals) -> None:
+    """The copy set as a code store for `ghindex dedup --radius auto`: the model (DIR/views.ghm), the
+    copies as PNG files, one list file (database first: ids 0..n_db-1, then the copies), the store
+    `ghindex encode` writes (DIR/copies.h5, with the model's copy radius) and DIR/truth.txt: one planted
+    group per line, an original's id and the ids of its copies."""
+    from ghindex.encode import encode
+
+    os.makedirs(os.path.join(folder, "copies"), exist_ok=True)
+    model_path = os.path.join(folder, "views.ghm")
+    model.save(model_path)
+    lines = [os.path.abspath(p) for p in db_paths]
+    for i, img in enumerate(queries):
+        path = os.path.join(folder, "copies", f"copy-{i:04d}.png")
+        img.save(path)
+        lines.append(os.path.abspath(path))
+    listing = os.path.join(folder, "all.txt")
+    with open(listing, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    store = os.path.join(folder, "copies.h5")
+    if os.path.exists(store):
+        os.remove(store)
+    encode(model_path, listing, store, progress=False)
+    groups: dict[int, list[int]] = {}
+    for i, original in enumerate(originals):
+        groups.setdefault(int(original), []).append(len(db_paths) + i)
+    with open(os.path.join(folder, "truth.txt"), "w") as f:
+        f.writelines(" ".join(map(str, [o, *copies])) + "\n" for o, copies in sorted(groups.items()))
+    log(f"dedup set: {store} ({len(lines)} codes, copy radius {model.config.copy_radius}), "
+        f"{len(groups)} planted groups in {folder}/truth.txt")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -365,6 +396,10 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 300 db, 50 queries, 300 training images, 1 epoch, no semantic cells")
     ap.add_argument("--out", default=None, help="JSON lines file (appended)")
+    ap.add_argument("--dedup-out", default=None,
+                    help="folder: save the views model, encode the database and the copies with it (`ghindex "
+                         "encode`, which records its copy radius) and write the planted groups, for "
+                         "`bench_dedup.py real --real-store DIR/copies.h5 --real-truth DIR/truth.txt`")
     args = ap.parse_args(argv)
     if args.quick:
         args.n_db, args.n_queries, args.n_train, args.epochs = 300, 50, 300, 1
@@ -416,6 +451,8 @@ def main(argv=None) -> None:
                           edits, copy_radius=radius)
         record(objective, m, train_seconds=round(seconds, 1), copy_radius=radius, encode_agreement=round(check, 4),
                epochs=args.epochs)
+        if args.dedup_out and objective == "views":
+            dedup_set(args.dedup_out, model, db_paths, queries, originals)
     for kind in ("phash", "dhash", "whash"):
         t0 = time.perf_counter()
         db_codes, q_codes = perceptual_codes(kind, db_images), perceptual_codes(kind, queries)
