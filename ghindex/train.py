@@ -519,8 +519,8 @@ def train(
         or ``views`` (images only: NT-Xent between the codes of two of each image's 1 + `views` views, the
         un-edited image and `views` edits from `ghindex.augment`, their features extracted once; a linear
         hash layer started from view-LDA directions, Adam; its own preset entry). Measured at 64 bits on
-        CIFAR-10 at 128 px (benchmarks/RESULTS.md, "Copies"): views finds more edited copies (recall@1 0.814
-        vs 0.473) but ranks semantic neighbours worse (mAP@1000 0.442 vs 0.516), hence not the default.
+        CIFAR-10 at 128 px (benchmarks/RESULTS.md, "Copies"): views finds more edited copies (recall@1 0.807
+        vs 0.473) but ranks semantic neighbours worse (mAP@1000 0.441 vs 0.516), hence not the default.
     Every unsupervised run on images records a copy radius (`config.copy_radius`, ``training["copy_radius"]``):
         the 99th percentile of the Hamming distance between 4 edited views of the held-out images (without
         a held-out slice: of up to 500 training images) and their originals, lowered until at most 1e-5 of
