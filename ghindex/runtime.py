@@ -50,7 +50,6 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
 from .errors import ConfigError, OutputError
 from .io import atomic_path
 
@@ -111,10 +110,6 @@ def resolve_runtime(runtime: str, device: str | torch.device = "cpu", precision:
         reason = f"it runs on the CPU, not on {dev}"
     elif precision != "fp32":
         reason = f"it computes in fp32, not {precision}"
-    elif distributed.is_distributed():
-        # ranks of torchrun holding ONNX Runtime sessions crashed at exit ("terminate called without an
-        # active exception") in about 1 of 3 two-rank runs here: several processes share the cores anyway
-        reason = "several processes (torchrun) run it, where PyTorch is the tested path"
     else:
         missing = missing_packages()
         if missing:
