@@ -90,6 +90,10 @@ def teardown() -> None:
     """Leave the process group (if `setup` created it)."""
     global _cpu_group, _created
     if _created and _initialized():
+        # leave together: a rank that destroyed the group while rank 0 was still saving aborted ("terminate
+        # called without an active exception") in some two-rank CPU runs; a rank that died is waited for 60 s
+        with contextlib.suppress(Exception):
+            torch.distributed.monitored_barrier(group=_cpu_group, timeout=datetime.timedelta(seconds=60))
         torch.distributed.destroy_process_group()
     _cpu_group, _created = None, False
 
