@@ -28,7 +28,7 @@ from .augment import edited_views
 from .data import DataSource, collate
 from .encoder import Encoder
 from .errors import DataError, ImageError
-from .hashing import pack_signs
+from .hashing import hamming_distances, pack_signs
 from .images import load_image
 from .train_inputs import _Preprocess
 from .train_state import TrainingState
@@ -134,10 +134,11 @@ def lda_init(rows: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def hamming_rows(queries: np.ndarray, database: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """Exact (Q, N) int32 Hamming distances of packed codes, a chunk of queries at a time."""
+    """`ghindex.hashing.hamming_distances`, a chunk of queries at a time (its XOR of all pairs at once
+    would take Q x N x bytes)."""
     out = np.empty((len(queries), len(database)), np.int32)
     for i in range(0, len(queries), chunk):
-        out[i:i + chunk] = np.bitwise_count(queries[i:i + chunk, None, :] ^ database[None, :, :]).sum(2)
+        out[i:i + chunk] = hamming_distances(queries[i:i + chunk], database)
     return out
 
 
