@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import ghindex  # noqa: E402
-from ghindex.batching import batches, normalize_batch  # noqa: E402
+from ghindex.batching import BatchNormalizer, batches  # noqa: E402
 from ghindex.data import load_data  # noqa: E402
 from ghindex.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from ghindex.runtime import missing_packages, use_runtime  # noqa: E402
@@ -91,10 +91,11 @@ def subset(data: str, limit: int | None, work: str) -> tuple[str, list[str]]:
 def decode_ceiling(data: str, image_size: int, batch_size: int, workers: int | None) -> float:
     """images/s of the command's data loader and normalisation with no model."""
     source = load_data(data)
+    normalizer = BatchNormalizer(IMAGENET_MEAN, IMAGENET_STD, channels_last=False)
     n = 0
     t = time.perf_counter()
     for _, x, _ in batches(source, 0, batch_size, workers, image_size, pin=False):
-        normalize_batch(x.contiguous(), IMAGENET_MEAN, IMAGENET_STD)
+        normalizer(x)
         n += len(x)
     return n / (time.perf_counter() - t)
 

@@ -36,6 +36,43 @@ def normalize_batch(x: torch.Tensor, mean, std) -> torch.Tensor:
     return normalize(x.float().div_(255.0), mean, std)
 
 
+def normalize_table(mean, std) -> np.ndarray:
+    """(3, 256) float32: every uint8 value of each channel normalised by `normalize_batch` itself, so a
+    lookup in it gives the same float32 bits."""
+    values = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(3, 1, 256).contiguous()
+    return np.ascontiguousarray(normalize_batch(values, mean, std).reshape(3, 256).numpy())
+
+
+class BatchNormalizer:
+    """uint8 image batches (`collate_uint8`'s NCHW view of NHWC pixels) -> the backbone's float input on
+    the CPU, bit-identical to `normalize_batch`, as NCHW (``channels_last=False``: ONNX Runtime) or a
+    channels-last tensor (PyTorch's convolutions).
+
+    One pass through a lookup table (`ghindex.pixel_kernels`) into a buffer kept from batch to batch:
+    0.04-0.07 ms per image at 224 px on 2 threads, against 0.55 ms for the elementwise route, in the
+    main process while the backbone waits. The returned tensor is that buffer: use it before the next
+    call.
+    """
+
+    def __init__(self, mean, std, channels_last: bool):
+        self.table = normalize_table(mean, std)
+        self.channels_last = channels_last
+        self._out: np.ndarray | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from .pixel_kernels import normalize_into  # deferred: numba compiles or loads its kernels
+
+        pixels = x.permute(0, 2, 3, 1)
+        if not pixels.is_contiguous():  # after dropping a bad image, say: one copy of the uint8 pixels
+            pixels = pixels.contiguous()
+        n, h, w, c = pixels.shape
+        shape = (n, h, w, c) if self.channels_last else (n, c, h, w)
+        if self._out is None or self._out.shape != shape:
+            self._out = np.empty(shape, np.float32)
+        out = torch.from_numpy(normalize_into(pixels.numpy(), self.table, self._out))
+        return out.permute(0, 3, 1, 2) if self.channels_last else out
+
+
 def collate_uint8(items):
     """Collate `(i, (S, S, 3) uint8 image, error)` items into (indices, (N, 3, S, S) uint8, errors).
 

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .batching import batches, normalize_batch
+from .batching import BatchNormalizer, batches, normalize_batch
 from .device import autocast_context, exact_fp32, resolve_device, resolve_precision
 from .encoder import Encoder
 from .encode_state import (
@@ -344,6 +344,8 @@ def _encode_loop(journal, store, run, model_path, dev, precision, runtime, batch
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     c = encoder.config
+    # on the CPU: one lookup pass into a kept buffer, the same floats as normalize_batch (see batching)
+    normalizer = BatchNormalizer(c.mean, c.std, channels_last) if cnn and dev.type == "cpu" else None
 
     pending_codes: list[np.ndarray] = []
     pending_skipped: list[tuple[int, str]] = []
@@ -394,7 +396,9 @@ def _encode_loop(journal, store, run, model_path, dev, precision, runtime, batch
                     x = x.index_select(0, keep)
                 if len(x):
                     x = x.to(dev, non_blocking=True)
-                    if channels_last:
+                    if normalizer is not None:
+                        x = normalizer(x)
+                    elif channels_last:
                         x = normalize_batch(x, c.mean, c.std).contiguous(memory_format=torch.channels_last)
                     elif cnn:  # NCHW while still uint8: a quarter of the bytes to move
                         x = normalize_batch(x.contiguous(), c.mean, c.std)

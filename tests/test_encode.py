@@ -99,6 +99,26 @@ def test_encode_folder_round_trip_and_bad_images(tmp_path, images, model):
         assert s.attrs["backbone"] == "smallcnn" and s.attrs["precision"] == "fp32"
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_normalizer_gives_normalize_batchs_floats(channels_last):
+    from ghindex.batching import BatchNormalizer, collate_uint8, normalize_batch
+    from ghindex.images import IMAGENET_MEAN, IMAGENET_STD
+
+    rng = np.random.default_rng(1)
+    normalizer = BatchNormalizer(IMAGENET_MEAN, IMAGENET_STD, channels_last)
+    for n in (5, 5, 2):  # the buffer is kept, then resized for a short last batch
+        pixels = [torch.from_numpy(rng.integers(0, 256, (7, 7, 3), dtype=np.uint8)) for _ in range(n)]
+        pixels[0][0, 0] = torch.tensor([0, 128, 255], dtype=torch.uint8)  # both ends of the table
+        _, x, _ = collate_uint8([(i, p, "") for i, p in enumerate(pixels)])
+        expected = normalize_batch(x.contiguous(), IMAGENET_MEAN, IMAGENET_STD)
+        got = normalizer(x)
+        assert got.dtype == torch.float32 and got.shape == (n, 3, 7, 7)
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert torch.equal(got, expected)  # bit for bit
+        kept = x.index_select(0, torch.tensor([0, n - 1]))  # a batch after dropping bad images: NCHW memory
+        assert torch.equal(normalizer(kept), expected[[0, n - 1]])
+
+
 def test_workers_give_the_same_store(tmp_path, images, model):
     encode(model, images, tmp_path / "a.h5", batch_size=5, workers=0, progress=False)
     encode(model, images, tmp_path / "b.h5", batch_size=5, workers=2, progress=False)
