@@ -28,7 +28,10 @@ Contenders, every code `--bits` (64) wide:
   and view extraction included);
 - `phash`, `dhash`, `whash`: `imagehash` at hash_size 8 (64 bits) on the 128 px images (a
   benchmark-only dependency: `.venv/bin/python -m pip install imagehash`, not in pyproject);
-- `float`: the backbone's 1280-d pooled features, cosine after subtracting the database's mean (no codes).
+- `float`: the backbone's 1280-d pooled features, cosine after subtracting the database's mean (no codes);
+- `views, weighted` and `similarity, weighted`: the same models' codes in the database, each query image
+  ranking them by its weighted Hamming distance (`ghindex.hashing.weighted_hamming`: its bits weighed by
+  |H|, what `ghindex query` and `serve` do for image queries); recall@1 only (no radius).
 
 Measures, per contender: recall@1 of the original, tie-averaged (a query whose original shares the
 smallest distance with t-1 other images scores 1/t; 0 when anything is nearer), per edit and overall;
@@ -39,8 +42,8 @@ The learned codes are the models' own: their hash layer applied to the same back
 
 Semantic cells (`--semantic`, on by default; off with --quick): cifar10-II mAP@1000 at 32 and 64 bits
 on 128 px features, 10,000 test queries against the 50,000 training images, for the learned models
-(trained on the same `--n-train` images; the 64-bit ones are the models above) and ITQ fitted on the
-features of those images. The 60,000 features are extracted once and cached in $GHINDEX_COPIES_CACHE
+(trained on the same `--n-train` images; the 64-bit ones are the models above), their weighted ranking
+(query images' hash outputs against the database's codes), and ITQ fitted on the features of those images. The 60,000 features are extracted once and cached in $GHINDEX_COPIES_CACHE
 (/tmp/ghindex-copies).
 
 Output: a markdown table on stdout; one JSON line per (contender, measure) appended to --out
@@ -189,6 +192,38 @@ def features(enc, images, batch: int = 200) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, enc.config.feature_dim), np.float32)
 
 
+def model_outputs(model, feats: np.ndarray) -> np.ndarray:
+    """The hash outputs H of features: codes are H >= 0; a query image's |H| weighs its bits
+    (`ghindex.hashing.weighted_hamming`, what `ghindex query` re-ranks image queries by)."""
+    import torch
+
+    model = model.to("cpu").eval()
+    with torch.inference_mode():
+        return np.concatenate([model.head(torch.from_numpy(feats[i:i + 8192])).float().numpy()
+                               for i in range(0, len(feats), 8192)])
+
+
+def weighted_map1000(q_outputs: np.ndarray, db_codes: np.ndarray, ql, dbl, chunk: int = 500) -> float:
+    """mAP@1000 (ghindex.metrics' definition: AP over the relevant items of the top 1,000, ties by
+    database position) of image queries ranked by weighted Hamming distance to the database codes.
+    The distances go through one matrix product per chunk here (10,000 x 50,000 pairs), equal to
+    `weighted_hamming`'s up to float rounding."""
+    from ghindex.hashing import unpack_bits
+
+    bits = unpack_bits(db_codes, q_outputs.shape[1]).astype(np.float32)
+    aps = []
+    for s in range(0, len(q_outputs), chunk):
+        h = q_outputs[s:s + chunk]
+        w, qb = np.abs(h), (h >= 0).astype(np.float32)
+        dist = (w * qb).sum(1, keepdims=True) + (w * (1 - 2 * qb)) @ bits.T
+        top = np.argsort(dist, axis=1, kind="stable")[:, :1000]
+        rel = dbl[top] == ql[s:s + chunk, None]
+        hits = rel.sum(1)
+        precision = np.cumsum(rel, 1) / np.arange(1, top.shape[1] + 1)
+        aps.append(np.where(hits > 0, (precision * rel).sum(1) / np.maximum(hits, 1), 0.0))
+    return round(float(np.concatenate(aps).mean()), 4)
+
+
 def model_codes(model, feats: np.ndarray) -> np.ndarray:
     import torch
 
@@ -209,7 +244,7 @@ def perceptual_codes(kind: str, images) -> np.ndarray:
 
 
 def copy_measures(dist: np.ndarray, originals: np.ndarray, edits: np.ndarray, *, larger_is_nearer=False,
-                  copy_radius=None) -> dict:
+                  copy_radius=None, hamming=True) -> dict:
     """Tie-averaged recall@1 per edit and overall; for Hamming distances, recall and false matches per
     query by radius."""
     d = -dist if larger_is_nearer else dist
@@ -218,7 +253,7 @@ def copy_measures(dist: np.ndarray, originals: np.ndarray, edits: np.ndarray, *,
     hit = np.where(nearer == 0, 1.0 / tied, 0.0)
     out = {"recall_at_1": round(float(hit.mean()), 4),
            "recall_at_1_by_edit": {e: round(float(hit[edits == e].mean()), 4) for e in EDITS}}
-    if not larger_is_nearer:
+    if hamming and not larger_is_nearer:
         radii = list(RADII) + ([int(copy_radius)] if copy_radius is not None else [])
         rows = []
         for r in sorted(set(radii)):
@@ -427,7 +462,7 @@ def main(argv=None) -> None:
     db_feats, q_feats = features(enc, db_images), features(enc, queries)
     log(f"features of the copy set: {time.perf_counter() - t0:.1f} s")
 
-    from ghindex.hashing import hamming_distances
+    from ghindex.hashing import hamming_distances, weighted_hamming
 
     rows = []
 
@@ -451,6 +486,9 @@ def main(argv=None) -> None:
                           edits, copy_radius=radius)
         record(objective, m, train_seconds=round(seconds, 1), copy_radius=radius, encode_agreement=round(check, 4),
                epochs=args.epochs)
+        # the same codes in the database; each query image ranks them by its weighted Hamming distance
+        weighted = weighted_hamming(model_outputs(model, q_feats), model_codes(model, db_feats))
+        record(f"{objective}, weighted", copy_measures(weighted, originals, edits, hamming=False))
         if args.dedup_out and objective == "views":
             dedup_set(args.dedup_out, model, db_paths, queries, originals)
     for kind in ("phash", "dhash", "whash"):
@@ -481,7 +519,10 @@ def main(argv=None) -> None:
                     write_row(out, dict(common, measure="cifar10-II mAP@1000", contender=objective, bits=bits,
                                         error=models[(objective, bits)][1]))
                     continue
-                cells.append((objective, bits, map1000(model_codes(model, q), model_codes(model, db), ql, dbl), seconds))
+                db_codes = model_codes(model, db)
+                cells.append((objective, bits, map1000(model_codes(model, q), db_codes, ql, dbl), seconds))
+                cells.append((f"{objective}, weighted", bits, weighted_map1000(model_outputs(model, q), db_codes, ql, dbl),
+                              seconds))
             q_codes, db_codes = itq_codes(train_feats, [q, db], bits)
             cells.append(("itq", bits, map1000(q_codes, db_codes, ql, dbl), None))
         print(f"\n| cifar10-II mAP@1000, 128 px ({args.n_train} training images) | "

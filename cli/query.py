@@ -43,22 +43,27 @@ from .dedup import RadiusType  # the same R|auto option as `ghindex dedup --radi
 @click.option("--engine", type=click.Choice(["ghindex", "faiss"]), default="ghindex", show_default=True,
               help="Who scans a flat index on the CPU: ghindex (faster; ties at the k-th distance cut by "
                    "database position) or FAISS's own scan. Other indexes and GPUs always use FAISS.")
+@click.option("--rerank", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Image queries: rank the N nearest codes again by the weighted Hamming distance (each bit "
+                   "weighed by how sure the query image is of it); 0: Hamming only. [default: 100 when the "
+                   "index's code store is found]")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True, help="table for people; json = one JSON object per query per line; "
                                       "csv = one row per neighbour.")
 def query(index, model, images, codes, ids, exclude_self, k, radius, force, grid, root, batch_size, gpu, gpu_shard,
-          engine, fmt):
+          engine, rerank, fmt):
     """Find the nearest codes in INDEX for query IMAGES (with --model), --codes or --ids.
 
     Neighbours are ranked by Hamming distance, ties by database position (a queried id's own item
-    first), with their id, distance, and path and label when the index's code store has them.
+    first), with their id, distance, and path and label when the index's code store has them. Image
+    queries re-rank their nearest codes by weighted Hamming distance (--rerank).
     """
     from ghindex.query import CSV_FIELDS, csv_rows, format_table, json_lines
     from ghindex.query import query as query_fn
 
     results = query_fn(index, model=model, images=images, codes=codes, ids=ids or (), k=k, radius=radius,
                        force=force, grid=grid, batch_size=batch_size, gpu=gpu, gpu_shard=gpu_shard, root=root,
-                       engine=engine, exclude_self=exclude_self)
+                       engine=engine, exclude_self=exclude_self, rerank=rerank)
     if fmt == "json":
         if results:
             click.echo(json_lines(results))

@@ -225,6 +225,27 @@ class Encoder(nn.Module):
         uint8 numpy batch (N, H, W, 3), or a sequence of PIL images / image paths. Works in batches
         of `batch_size` so memory stays bounded.
         """
+        n = self._count(x)
+        out = np.empty((n, self.code_bytes), dtype=np.uint8)
+        for start, h in self._hash_batches(x, batch_size, device):
+            out[start : start + len(h)] = pack_signs(h)
+        return out
+
+    @torch.inference_mode()
+    def hash_outputs(self, x, batch_size: int = 256, device: str | torch.device | None = None) -> np.ndarray:
+        """The continuous hash outputs H of inputs (as `encode` takes them), (N, bits) float32: their
+        codes are H >= 0, and |H| says how sure each bit is (`ghindex.hashing.weighted_hamming`)."""
+        out = np.empty((self._count(x), self.bits), dtype=np.float32)
+        for start, h in self._hash_batches(x, batch_size, device):
+            out[start : start + len(h)] = h.float().cpu().numpy()
+        return out
+
+    @staticmethod
+    def _count(x) -> int:
+        return 1 if isinstance(x, (Image.Image, str, os.PathLike)) else len(x)
+
+    def _hash_batches(self, x, batch_size: int, device):
+        """(start, H of inputs start...) per batch of `batch_size`, in eval mode (restored after)."""
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
         device = torch.device(device) if device is not None else next(self.parameters()).device
@@ -233,12 +254,9 @@ class Encoder(nn.Module):
         try:
             if isinstance(x, (Image.Image, str, os.PathLike)):
                 x = [x]
-            n = len(x)
-            out = np.empty((n, self.code_bytes), dtype=np.uint8)
-            for start in range(0, n, batch_size):
+            for start in range(0, len(x), batch_size):
                 batch = self._prepare_batch(x[start : start + batch_size]).to(device)
-                out[start : start + len(batch)] = pack_signs(self.hash(batch))
-            return out
+                yield start, self.hash(batch)
         finally:
             self.train(was_training)
 

@@ -88,3 +88,40 @@ def hamming_distances(queries: np.ndarray, database: np.ndarray) -> np.ndarray:
         )
     xor = queries[:, None, :] ^ database[None, :, :]
     return np.bitwise_count(xor).sum(axis=2, dtype=np.int32)
+
+
+def weighted_hamming(projections, candidates: np.ndarray) -> np.ndarray:
+    """Asymmetric distances of queries given as continuous hash outputs H to packed codes: for each
+    query q and candidate code c, the sum of |H_qk| over the bits k where c differs from the query's
+    own code (bit k = H_qk >= 0, as `pack_signs`).
+
+    A query image's code throws away how sure each bit is; the distance keeps it on the query side
+    only, so the database still holds bare codes: a bit the query has near 0 (a coin flip under an
+    edit) costs little when it differs, a confident one a lot. (Asymmetric distances for binary
+    codes: Dong et al. 2008, Gordo et al. 2014.)
+
+    `projections`: (Q, bits) floats; `candidates`: (Q, K, code_bytes) packed codes, K per query
+    (e.g. a Hamming search's neighbours), or (N, code_bytes) shared by every query. Returns (Q, K) or
+    (Q, N) float32.
+    """
+    h = np.asarray(projections, np.float32)
+    candidates = np.asarray(candidates, np.uint8)
+    if h.ndim != 2:
+        raise ConfigError(f"projections must be (queries, bits), got shape {h.shape}")
+    nbits = h.shape[1]
+    if candidates.shape[-1] * 8 != nbits:
+        raise ConfigError(f"codes of {candidates.shape[-1]} bytes do not hold {nbits}-bit projections")
+    query_bits = h >= 0
+    weights = np.abs(h)
+    if candidates.ndim == 2:  # one candidate set for all queries: in chunks, the same sums as below
+        out = np.empty((h.shape[0], candidates.shape[0]), np.float32)
+        for start in range(0, candidates.shape[0], 1024):
+            bits = unpack_bits(candidates[start:start + 1024], nbits).astype(bool)
+            out[:, start:start + len(bits)] = ((bits[None] != query_bits[:, None, :]) * weights[:, None, :]).sum(
+                2, dtype=np.float32)
+        return out
+    if candidates.ndim != 3 or candidates.shape[0] != h.shape[0]:
+        raise ConfigError(f"candidates must be (queries, K, code bytes) for {h.shape[0]} queries, got {candidates.shape}")
+    bits = unpack_bits(candidates.reshape(-1, candidates.shape[-1]), nbits).astype(bool)
+    bits = bits.reshape(candidates.shape[0], candidates.shape[1], nbits)
+    return ((bits != query_bits[:, None, :]) * weights[:, None, :]).sum(2, dtype=np.float32)

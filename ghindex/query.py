@@ -2,7 +2,8 @@
 
 Results come back per query, ranked by Hamming distance with ties by database position (the same
 rule as the metrics), with each neighbour's id, distance, and its path and label when the code store
-the index was built from (index meta `store_path`) keeps them. Images are encoded with the given
+the index was built from (index meta `store_path`) keeps them. Image queries re-rank their nearest
+`RERANK` codes by weighted Hamming distance (the query's hash outputs weigh its bits, see `query`). Images are encoded with the given
 model, which must be the model the index's codes came from: its file fingerprint must equal the
 index's `encoder_fingerprint` unless `force=True`.
 """
@@ -18,6 +19,7 @@ import numpy as np
 
 from .encoder import Encoder
 from .errors import ConfigError, DataError, ImageError, ModelFileError, SearchError, StoreError
+from .hashing import pack_signs, weighted_hamming
 from .ids import StoreLookup, parse_ids
 from .images import load_image
 from .io import atomic_path, file_fingerprint
@@ -26,6 +28,11 @@ from .store import CodeStore
 from .store import resolve_radius
 
 log = logging.getLogger(__name__)
+
+# Image queries: candidates re-ranked by weighted Hamming distance. On the copies benchmark (64 bits,
+# 5,000 database images) the first 50 by Hamming distance already held every original the full
+# weighted ranking put first; 100 leaves room for larger databases at ~0.1 ms per query.
+RERANK = 100
 
 #: Largest grid the retrieval picture draws (rows = queries, columns = neighbours).
 GRID_MAX_QUERIES = 32
@@ -222,6 +229,25 @@ class Searcher:
             raise ConfigError("images need a model to encode them (--model)")
         return self.encoder.encode(list(images), batch_size=batch_size)
 
+    def hash_outputs(self, images, batch_size: int = 64) -> np.ndarray:
+        """The model's continuous hash outputs H of images: their codes are H >= 0 (`rerank` weighs by |H|)."""
+        if self.encoder is None:
+            raise ConfigError("images need a model to encode them (--model)")
+        return self.encoder.hash_outputs(list(images), batch_size=batch_size)
+
+    def rerank_distances(self, projections: np.ndarray, found: np.ndarray) -> np.ndarray:
+        """(Q, K) weighted Hamming distances (`ghindex.hashing.weighted_hamming`) of the queries whose hash
+        outputs are `projections` to the neighbours `found` (ids; -1: none, at infinity), whose codes come
+        from memory (`codes_by_id`)."""
+        if self.codes_by_id is None:
+            raise StoreError(f"index {self.name} has no code store to read the neighbours' codes from for "
+                             f"re-ranking (recorded: {self.store_path or 'none'}): pass rerank=0")
+        valid = found >= 0
+        codes = np.zeros(found.shape + (self.index.code_bytes,), np.uint8)
+        if valid.any():
+            codes[valid] = self.codes_by_id(found[valid]).codes
+        return np.where(valid, weighted_hamming(projections, codes), np.inf).astype(np.float32)
+
     def codes_for_ids(self, ids) -> "Queries":
         """The stored codes of `ids` and their query records, looked up from memory in one call
         (ConfigError for an id not stored). Ids the index holds are its `self_ids`."""
@@ -244,15 +270,17 @@ class Searcher:
         return self.index.search(q_codes, int(k), threads=threads)
 
     def records(self, q_meta: list[dict], dist: np.ndarray, found: np.ndarray, radius: int | None = None, *,
-                k: int | None = None, self_ids: np.ndarray | None = None, exclude_self: bool = False) -> list[dict]:
+                k: int | None = None, self_ids: np.ndarray | None = None, exclude_self: bool = False,
+                scores: np.ndarray | None = None) -> list[dict]:
         """Search output -> one result per query: its q_meta record plus "neighbors" ranked by distance,
         ties by database position, within `radius` when given, at most `k` (default: all found).
 
         `self_ids` (queries by stored id, see `codes_for_ids`): each query's own id in the index, -1
         for none. The item itself comes first among its ties (it is put first at distance 0 when the
         search left it out behind k other exact copies), or is left out with `exclude_self` (search
-        `search_depth(k, True)` neighbours for that, so that k others remain)."""
-        return _assemble(q_meta, dist, found, self.db, radius, k, self_ids, exclude_self)
+        `search_depth(k, True)` neighbours for that, so that k others remain). `scores`: re-ranking
+        distances (`rerank_distances`) that order the neighbours instead, then Hamming, then position."""
+        return _assemble(q_meta, dist, found, self.db, radius, k, self_ids, exclude_self, scores)
 
 
 @dataclass
@@ -277,7 +305,8 @@ def query_record(name: str, path: str | None = None) -> dict:
 
 def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius: int | str | None = None,
           force: bool = False, grid=None, batch_size: int = 64, device=None, gpu: str = "auto",
-          gpu_shard: bool = False, root=None, engine: str = "ghindex", exclude_self: bool = False) -> list[dict]:
+          gpu_shard: bool = False, root=None, engine: str = "ghindex", exclude_self: bool = False,
+          rerank: int | None = None) -> list[dict]:
     """Search `index` for each query and return one dict per query.
 
     Queries are exactly one of: `images` (paths, encoded with `model`), `codes` (a code store: all
@@ -293,9 +322,16 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
     `Index.load` (a flat index goes on all GPUs FAISS sees: a replica on each, or shards). `root`: the
     folder the index's code store's image paths are relative to, instead of the one it records
     (images moved on their own). `engine`: who scans a flat index on the CPU, as `Index.load`.
+    `rerank` (image queries): the `rerank` nearest codes by Hamming distance are ranked again by the
+    query's weighted Hamming distance (`ghindex.hashing.weighted_hamming`: bits weighed by how sure the
+    query image is of each), and the first k kept; None: `RERANK` for image queries (needs the index's
+    code store), 0: plain Hamming ranking. Edited copies of database images come first far more often
+    (benchmarks/RESULTS.md, "Copies"). Queries by codes or ids have no hash outputs: Hamming only.
 
     Each result: {"query", "query_id", "query_path", "query_label", "query_label_name",
-    "neighbors": [{"rank", "id", "distance", "path", "label", "label_name", "relevant"}]}.
+    "neighbors": [{"rank", "id", "distance", "path", "label", "label_name", "relevant"}]}; neighbours
+    of re-ranked queries also have "weighted_distance" and are ordered by it ("distance" stays the
+    Hamming distance, which `radius` limits).
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ConfigError(f"k must be a positive integer, got {k!r}")
@@ -315,6 +351,10 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
         raise ConfigError("a model is only used to encode query images; give images too")
     if exclude_self and not ids:
         raise ConfigError("exclude_self leaves out a query's own item: it applies to queries by id only")
+    if rerank is not None and (isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 0):
+        raise ConfigError(f"rerank must be a non-negative number of candidates, got {rerank!r}")
+    if rerank and not images:
+        raise ConfigError("rerank weighs the query image's own hash outputs: it applies to image queries only")
 
     with Searcher(index, model, force=force, gpu=gpu, gpu_shard=gpu_shard, device=device,
                   need_store=bool(ids), root=root, engine=engine) as searcher:
@@ -322,8 +362,14 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
         if auto_radius:
             radius = searcher.copy_radius()
         self_ids = None  # queries by id: their own ids in the index
+        projections = None  # image queries: hash outputs, for re-ranking
         if images:
-            q_codes = searcher.encode([os.fspath(p) for p in images], batch_size=batch_size)
+            projections = searcher.hash_outputs([os.fspath(p) for p in images], batch_size=batch_size)
+            q_codes = pack_signs(projections)
+            if rerank is None and searcher.codes_by_id is None:
+                log.warning("no code store: image queries are ranked by Hamming distance, without re-ranking")
+                rerank = 0
+            rerank = RERANK if rerank is None else int(rerank)
             q_meta = [query_record(os.fspath(p), os.path.abspath(p)) for p in images]
         elif codes is not None:
             with CodeStore.open(codes) as q_store:
@@ -352,20 +398,23 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
         else:
             by_id = searcher.codes_for_ids(ids)
             q_codes, q_meta, self_ids = by_id.codes, by_id.meta, by_id.self_ids
-        dist, found = searcher.search(q_codes, search_depth(k, exclude_self))
+        depth = search_depth(k, exclude_self)
+        dist, found = searcher.search(q_codes, max(depth, rerank or 0))
+        scores = searcher.rerank_distances(projections, found) if rerank else None
         results = searcher.records(q_meta, dist, found, radius, k=int(k), self_ids=self_ids,
-                                   exclude_self=exclude_self)
+                                   exclude_self=exclude_self, scores=scores)
     if grid is not None:
         write_grid(results, grid)
     return results
 
 
-def _assemble(q_meta, dist, found, db, radius, k=None, self_ids=None, exclude_self=False) -> list[dict]:
+def _assemble(q_meta, dist, found, db, radius, k=None, self_ids=None, exclude_self=False, scores=None) -> list[dict]:
     results = []
     # store rows of every neighbour at once (one lookup per call, not per query)
     all_rows = db.lookup.rows(found) if db is not None else np.full(np.shape(found), -1, np.int64)
     for qi, m in enumerate(q_meta):
         d, i, rows = dist[qi], found[qi], all_rows[qi]
+        w = scores[qi] if scores is not None else None  # re-ranking distances (image queries: no own item)
         own = int(self_ids[qi]) if self_ids is not None else -1
         keep = i >= 0
         if radius is not None:
@@ -374,6 +423,7 @@ def _assemble(q_meta, dist, found, db, radius, k=None, self_ids=None, exclude_se
             keep &= i != own
         if not keep.all():
             d, i, rows = d[keep], i[keep], rows[keep]
+            w = w[keep] if w is not None else None
         if own >= 0 and not exclude_self and not (i == own).any():
             # left out behind k exact copies that come before it in the database: it is at distance 0
             # from its own code, so it goes first
@@ -382,9 +432,13 @@ def _assemble(q_meta, dist, found, db, radius, k=None, self_ids=None, exclude_se
         # ties by database position (the store row), whatever order the index returned them in; the
         # query's own item first among its ties
         tie = np.where(rows >= 0, rows, i)
-        order = np.lexsort((tie, i != own, d)) if own >= 0 else np.lexsort((tie, d))
+        if w is not None:
+            order = np.lexsort((tie, d, w))
+        else:
+            order = np.lexsort((tie, i != own, d)) if own >= 0 else np.lexsort((tie, d))
         if k is not None:
             order = order[:k]
+        weighted = w[order].tolist() if w is not None else None
         d, i, rows = d[order].tolist(), i[order].tolist(), rows[order].tolist()
         paths = db.paths(rows) if db is not None else [None] * len(i)
         neighbours = []
@@ -396,6 +450,8 @@ def _assemble(q_meta, dist, found, db, radius, k=None, self_ids=None, exclude_se
                 "label_name": db.label_name(label) if db is not None else None,
                 "relevant": _relevant(q_label, label),
             })
+            if weighted is not None:
+                neighbours[-1]["weighted_distance"] = round(float(weighted[rank - 1]), 4)
         results.append(dict(m, neighbors=neighbours))
     return results
 
@@ -441,12 +497,16 @@ def format_table(results: list[dict]) -> str:
             lines.append("  (no neighbours)")
         else:
             show_rel = any(n["relevant"] is not None for n in r["neighbors"])
-            header = f"  {'rank':>4}  {'dist':>4}  {'id':>10}  {'label':<12}" + ("  rel" if show_rel else "") + "  path"
+            show_weighted = "weighted_distance" in r["neighbors"][0]  # re-ranked: the order's own distance
+            header = (f"  {'rank':>4}  {'dist':>4}" + (f"  {'w.dist':>8}" if show_weighted else "")
+                      + f"  {'id':>10}  {'label':<12}" + ("  rel" if show_rel else "") + "  path")
             lines.append(header)
             for n in r["neighbors"]:
                 label = n["label_name"] if n["label_name"] is not None else n["label"]
                 rel = f"  {_text(n['relevant']):<3}" if show_rel else ""
-                lines.append(f"  {n['rank']:>4}  {n['distance']:>4}  {n['id']:>10}  {_text(label):<12}{rel}  {_text(n['path'])}")
+                weighted = f"  {n['weighted_distance']:>8.3f}" if show_weighted else ""
+                lines.append(f"  {n['rank']:>4}  {n['distance']:>4}{weighted}  {n['id']:>10}  {_text(label):<12}{rel}"
+                             f"  {_text(n['path'])}")
         lines.append("")
     return "\n".join(lines).rstrip("\n")
 

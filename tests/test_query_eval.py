@@ -205,7 +205,7 @@ def image_setup(tmp_path):
 
 def test_query_images_with_the_index_model(image_setup):
     s = image_setup
-    results = query(s["index"], model=s["model"], images=s["paths"][:2], k=4, grid=s["tmp"] / "grid.png")
+    results = query(s["index"], model=s["model"], images=s["paths"][:2], k=4, grid=s["tmp"] / "grid.png", rerank=0)
     for r, code in zip(results, s["codes"][:2]):
         assert [(n["id"], n["distance"]) for n in r["neighbors"]] == expected_neighbours(code, s["codes"], np.arange(12), 4)
         assert r["neighbors"][0]["distance"] == 0
@@ -217,6 +217,52 @@ def test_query_images_with_the_index_model(image_setup):
         query(s["index"], model=s["other"], images=s["paths"][:1])
     forced = query(s["index"], model=s["other"], images=s["paths"][:1], force=True, k=3)
     assert len(forced[0]["neighbors"]) == 3
+
+
+def test_image_queries_rerank_their_nearest_codes_by_weighted_hamming(image_setup, runner):
+    from ghindex.hashing import unpack_bits, weighted_hamming
+
+    s = image_setup
+    model = Encoder.load(s["model"])
+    h = model.hash_outputs(s["paths"][:3])
+    np.testing.assert_array_equal(ghindex_pack(h), model.encode(s["paths"][:3]))  # codes = signs of H
+    full = weighted_hamming(h, s["codes"])  # (3, 12): every stored code
+    bits = unpack_bits(s["codes"], 16).astype(bool)
+    brute = np.array([[np.abs(hq)[(hq >= 0) != b].sum() for b in bits] for hq in h])
+    np.testing.assert_allclose(full, brute, rtol=1e-6)
+    np.testing.assert_allclose(weighted_hamming(h, np.stack([s["codes"]] * 3)), brute, rtol=1e-6)  # per-query sets
+    assert (full[np.arange(3), np.arange(3)] == 0).all()  # an image's own code differs in no bit
+
+    for rerank, k in ((5, 4), (None, 6)):  # 5 Hamming-nearest candidates; the default (100: all 12)
+        results = query(s["index"], model=s["model"], images=s["paths"][:3], k=k, rerank=rerank)
+        hamming = hamming_distances(s["codes"][:3], s["codes"])
+        for qi, r in enumerate(results):
+            pool = expected_neighbours(s["codes"][qi], s["codes"], np.arange(12), rerank or 12)
+            want = sorted(pool, key=lambda p: (round(float(full[qi, p[0]]), 4), p[1], p[0]))[:k]
+            assert [(n["id"], n["distance"]) for n in r["neighbors"]] == want
+            assert [n["weighted_distance"] for n in r["neighbors"]] == pytest.approx([full[qi, i] for i, _ in want], abs=1e-4)
+            assert all(n["distance"] == hamming[qi, n["id"]] for n in r["neighbors"])
+    plain = query(s["index"], model=s["model"], images=s["paths"][:1], k=4, rerank=0)[0]["neighbors"]
+    assert "weighted_distance" not in plain[0]
+    within = query(s["index"], model=s["model"], images=s["paths"][:1], k=12, radius=6)[0]["neighbors"]
+    assert within and all(n["distance"] <= 6 for n in within)  # the radius still limits Hamming distance
+    with pytest.raises(ConfigError, match="image queries only"):
+        query(s["index"], ids=[1], rerank=10)
+    with pytest.raises(ConfigError, match="rerank must be"):
+        query(s["index"], model=s["model"], images=s["paths"][:1], rerank=-1)
+    result = runner.invoke(cli, ["query", "--index", str(s["index"]), "--model", str(s["model"]), s["paths"][0]])
+    assert result.exit_code == 0 and "w.dist" in result.output, result.output
+    result = runner.invoke(cli, ["query", "--index", str(s["index"]), "--model", str(s["model"]), s["paths"][0],
+                                 "--rerank", "0"])
+    assert result.exit_code == 0 and "w.dist" not in result.output, result.output
+    result = runner.invoke(cli, ["query", "--index", str(s["index"]), "--ids", "1", "--rerank", "3"])
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and "image queries only" in result.output
+
+
+def ghindex_pack(h):
+    from ghindex.hashing import pack_signs
+
+    return pack_signs(h)
 
 
 def test_grid_frames_relevant_green_and_others_red(image_setup):

@@ -467,7 +467,7 @@ def test_a_failed_id_lookup_answers_only_its_own_request(data):
 def test_concurrent_uploads_share_one_encoder_call(data):
     app = create_app(data["index"], data["model"], batch_window_ms=60)
     searcher = app.state.service.searcher
-    calls = counting(searcher, "encode")
+    calls = counting(searcher, "hash_outputs")
     picks = data["paths"][:6]
     responses = asyncio.run(concurrent_posts(app, [
         dict(params={"k": 4}, files={"image": (Path(p).name, Path(p).read_bytes(), "image/jpeg")}) for p in picks]))

@@ -20,6 +20,7 @@ class Neighbor(BaseModel):
     rank: int
     id: int
     distance: int
+    weighted_distance: Optional[float] = None  # image queries, re-ranked by it (`ghindex.query.query`'s rerank)
     label: Union[int, list[int], None] = None
     label_name: Union[str, list[str], None] = None
     path: Optional[str] = None
@@ -156,7 +157,8 @@ def search_request(code_bytes: int, images: bool, max_upload: int) -> dict:
     return {
         "description": "Nearest neighbours of uploaded images (multipart field `image`), stored ids or hex codes."
                        "\n\nNeighbours are ranked by Hamming distance, ties by database position: the same rows "
-                       "as `ghindex query --format json`. `k` and `radius` may instead be sent in the query "
+                       "as `ghindex query --format json`. Uploaded images re-rank their nearest codes by the "
+                       "weighted Hamming distance, given as `weighted_distance`. `k` and `radius` may instead be sent in the query "
                        "string (then not in the body too). The whole request body is at most "
                        f"{max_upload:,} bytes (--max-upload; 413 above).",
         "requestBody": {"required": True, "content": content},

@@ -192,5 +192,5 @@ async def search_input_from_form(request: Request, params: dict, service: Servic
             images.append(await anyio.to_thread.run_sync(_decode_upload, data, name))
     finally:
         await form.close()
-    codes = await service.encode(images, ticket)
-    return SearchJob(k, radius, codes=codes, meta=[query_record(name) for name in names])
+    projections = await service.encode(images, ticket)
+    return service.image_job(projections, k, radius, [query_record(name) for name in names])

@@ -17,7 +17,8 @@ import faiss
 import numpy as np
 
 from ..images import load_image
-from ..query import Queries, Searcher, search_depth
+from ..hashing import pack_signs
+from ..query import RERANK, Queries, Searcher, search_depth
 from .batching import MicroBatcher
 from .metrics import Metrics
 
@@ -30,7 +31,9 @@ SCAN_QUERIES_PER_THREAD = 8  #: a scan gets a thread per this many queries (see 
 @dataclass
 class SearchJob:
     """One request's queries: codes (with their records), or stored ids, whose codes and records the
-    batch looks up (all ids of a batch in one call, from memory). `exclude_self`: ids only."""
+    batch looks up (all ids of a batch in one call, from memory). `exclude_self`: ids only.
+    `projections`: uploaded images' hash outputs (their codes are their signs): their `RERANK` nearest
+    codes are ranked again by weighted Hamming distance, as `ghindex query` does."""
 
     k: int
     radius: int | None
@@ -38,6 +41,7 @@ class SearchJob:
     meta: list[dict] | None = None  # the query records of `codes`
     ids: list[int] | None = None
     exclude_self: bool = False
+    projections: np.ndarray | None = None  # (n, bits) float32
 
     def __len__(self) -> int:
         return len(self.ids) if self.ids is not None else len(self.codes)
@@ -45,7 +49,8 @@ class SearchJob:
     @property
     def depth(self) -> int:
         """Neighbours its search asks for (jobs of one depth share a search)."""
-        return search_depth(self.k, self.exclude_self and self.ids is not None)
+        depth = search_depth(self.k, self.exclude_self and self.ids is not None)
+        return max(depth, RERANK) if self.projections is not None else depth
 
 
 class Service:
@@ -85,8 +90,10 @@ class Service:
             job, q = jobs[n], out[n]
             stop = start + len(q.codes)
             try:
+                scores = (self.searcher.rerank_distances(job.projections, found[start:stop])
+                          if job.projections is not None else None)
                 out[n] = self.searcher.records(q.meta, dist[start:stop], found[start:stop], job.radius, k=job.k,
-                                               self_ids=q.self_ids, exclude_self=job.exclude_self)
+                                               self_ids=q.self_ids, exclude_self=job.exclude_self, scores=scores)
             except Exception as exc:  # noqa: BLE001 - this request's error only
                 out[n] = exc
             start = stop
@@ -117,13 +124,21 @@ class Service:
         return out
 
     def _encode_batch(self, image_lists: list[list]) -> list[np.ndarray]:
+        """Each request's images -> their hash outputs (the codes are their signs)."""
         images = [img for images in image_lists for img in images]
-        codes = self.searcher.encode(images, batch_size=MAX_ENCODE_BATCH)
+        projections = self.searcher.hash_outputs(images, batch_size=MAX_ENCODE_BATCH)
         out, start = [], 0
         for images in image_lists:
-            out.append(codes[start:start + len(images)])
+            out.append(projections[start:start + len(images)])
             start += len(images)
         return out
+
+    def image_job(self, projections: np.ndarray, k: int, radius: int | None, meta: list[dict]) -> SearchJob:
+        """The search of uploaded images: by their codes, re-ranked when the code store is there
+        (like `ghindex query`, which needs it to read the neighbours' codes)."""
+        rerank = self.searcher.codes_by_id is not None
+        return SearchJob(k, radius, codes=pack_signs(projections), meta=meta,
+                         projections=projections if rerank else None)
 
     # ---- what handlers call
     async def search(self, job: SearchJob, ticket=None) -> list[dict]:
