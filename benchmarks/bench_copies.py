@@ -307,6 +307,20 @@ def training_source(n_train: int):
     return train.subset(idx, f"{n_train} CIFAR-10 training images (seed {SEED + 1})"), idx
 
 
+def own_features(model, enc, db_images, queries, db_feats, q_feats):
+    """(database, query) features as `model` sees them: the shared backbone's, or, for a model with
+    detail features (`detail_layer`), its own backbone's (ONNX Runtime where installed)."""
+    if not getattr(model.config, "detail_layer", None):
+        return db_feats, q_feats
+    from ghindex.runtime import use_runtime
+
+    use_runtime(model, "auto")
+    t0 = time.perf_counter()
+    out = features(model, db_images), features(model, queries)
+    log(f"features with detail layer {model.config.detail_layer}: {time.perf_counter() - t0:.1f} s")
+    return out
+
+
 def agreement(model, images, feats) -> float:
     """Fraction of bits where the codes from cached features equal `Encoder.encode` on the images."""
     from ghindex.hashing import unpack_bits
@@ -325,7 +339,9 @@ def pool_features(enc, subset: int = 0):
     from ghindex.data import ImageDataset, cifar_pool, collate
     from ghindex.images import IMAGENET_MEAN, IMAGENET_STD, image_to_tensor
 
-    path = os.path.join(CACHE, f"cifar10_mnv2_{SIZE}" + (f"_subset{subset}" if subset else "") + ".npz")
+    detail = getattr(enc.config, "detail_layer", None)  # models with detail features have their own cache
+    path = os.path.join(CACHE, f"cifar10_mnv2_{SIZE}" + (f"_detail{detail}" if detail else "")
+                        + (f"_subset{subset}" if subset else "") + ".npz")
     if os.path.isfile(path):
         with np.load(path) as f:
             return f["features"], f["labels"], f["is_train"]
@@ -481,13 +497,14 @@ def main(argv=None) -> None:
             write_row(out, dict(common, measure="copies", contender=objective, bits=args.bits, error=seconds))
             continue
         radius = model.config.copy_radius
-        check = agreement(model, queries[:32], q_feats[:32])
-        m = copy_measures(hamming_distances(model_codes(model, q_feats), model_codes(model, db_feats)), originals,
+        m_db, m_q = own_features(model, enc, db_images, queries, db_feats, q_feats)
+        check = agreement(model, queries[:32], m_q[:32])
+        m = copy_measures(hamming_distances(model_codes(model, m_q), model_codes(model, m_db)), originals,
                           edits, copy_radius=radius)
         record(objective, m, train_seconds=round(seconds, 1), copy_radius=radius, encode_agreement=round(check, 4),
                epochs=args.epochs)
         # the same codes in the database; each query image ranks them by its weighted Hamming distance
-        weighted = weighted_hamming(model_outputs(model, q_feats), model_codes(model, db_feats))
+        weighted = weighted_hamming(model_outputs(model, m_q), model_codes(model, m_db))
         record(f"{objective}, weighted", copy_measures(weighted, originals, edits, hamming=False))
         if args.dedup_out and objective == "views":
             dedup_set(args.dedup_out, model, db_paths, queries, originals)
@@ -509,6 +526,7 @@ def main(argv=None) -> None:
         train_feats = features(enc, source.paths) if args.semantic_subset else feats[np.flatnonzero(is_train)[train_idx]]
         q, db = feats[~is_train], feats[is_train]
         ql, dbl = labels[~is_train], labels[is_train]
+        own_pool = {}  # detail layer -> (queries, database) features through a model's own backbone
         cells = []
         for bits in semantic_bits:
             for objective in objectives():
@@ -519,9 +537,19 @@ def main(argv=None) -> None:
                     write_row(out, dict(common, measure="cifar10-II mAP@1000", contender=objective, bits=bits,
                                         error=models[(objective, bits)][1]))
                     continue
-                db_codes = model_codes(model, db)
-                cells.append((objective, bits, map1000(model_codes(model, q), db_codes, ql, dbl), seconds))
-                cells.append((f"{objective}, weighted", bits, weighted_map1000(model_outputs(model, q), db_codes, ql, dbl),
+                mq, mdb = q, db
+                detail = getattr(model.config, "detail_layer", None)
+                if detail:
+                    if detail not in own_pool:
+                        from ghindex.runtime import use_runtime
+
+                        use_runtime(model, "auto")
+                        f_all, _, _ = pool_features(model, args.semantic_subset)
+                        own_pool[detail] = (f_all[~is_train], f_all[is_train])
+                    mq, mdb = own_pool[detail]
+                db_codes = model_codes(model, mdb)
+                cells.append((objective, bits, map1000(model_codes(model, mq), db_codes, ql, dbl), seconds))
+                cells.append((f"{objective}, weighted", bits, weighted_map1000(model_outputs(model, mq), db_codes, ql, dbl),
                               seconds))
             q_codes, db_codes = itq_codes(train_feats, [q, db], bits)
             cells.append(("itq", bits, map1000(q_codes, db_codes, ql, dbl), None))

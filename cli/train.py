@@ -30,6 +30,10 @@ from ghindex.data import PROTOCOLS
                    "images differ: finds copies, loses semantic mAP; images only). [default: similarity]")
 @click.option("--views", type=int, default=4, show_default=True,
               help="--objective views: edited views per training image, their features extracted once.")
+@click.option("--detail-layer", default="auto", show_default=True, metavar="auto|none|LAYER",
+              help="A backbone layer whose output, pooled to a 2x2 grid, joins the features (recorded in the model): "
+                   "auto adds the backbone's own for --objective views (mobilenet_v2: 0.13, its features[13]) and "
+                   "nothing otherwise; none; or a layer name.")
 @click.option("--multi-label", is_flag=True, help="Binary cross-entropy on multi-hot labels.")
 @click.option("--protocol", type=click.Choice(PROTOCOLS),
               help="Train on this protocol's training split of a CIFAR-style folder (train/, test/).")
@@ -107,5 +111,6 @@ def train(data, out, **kwargs):
         "model": out, "bits": model.bits, "backbone": model.config.backbone, "objective": info.get("objective"),
         "epochs": info.get("epochs"), "final": info.get("final"),
         "unsupervised_objective": info.get("unsupervised_objective"), "copy_radius": model.config.copy_radius,
+        "detail_layer": model.config.detail_layer,
         "files": {k: v for k, v in output_paths(out).items() if k != "splits" or info.get("splits_file")},
     }, sort_keys=True))

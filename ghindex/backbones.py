@@ -89,6 +89,82 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
+# Detail features (`WithDetail`): per backbone, the intermediate layer whose output, average-pooled to
+# a DETAIL_GRID x DETAIL_GRID grid, joins the pooled features; `detail_layer="auto"` reads this table.
+# mobilenet_v2 "0.13": the last 96-channel block (1/16 of the input; 8 x 8 at 128 px). Chosen on a
+# validation split of CIFAR-10 training images (benchmarks/RESULTS.md, "Copies"): with it, view-LDA codes
+# found 0.96 of edited copies at 64 bits against 0.83 without; the last 160- and 320-channel blocks and
+# a 2 x 2 grid of the final 1280 channels helped far less.
+DETAIL_LAYERS = {"mobilenet_v2": "0.13"}
+DETAIL_GRID = 2
+
+
+class WithDetail(nn.Module):
+    """A CNN feature extractor whose pooled features come with a detail block: the output of an
+    intermediate layer (`layer`, a qualified submodule name) average-pooled to a 2 x 2 grid.
+
+    Pooled features of a late layer say what an image shows, and images that show the same thing
+    look alike to them; an edited copy of an image keeps its layout and textures, which a mid-level
+    layer's grid still holds. Each block is scaled to unit length, so neither drowns the other
+    whatever the layers' magnitudes (unscaled, the 1280-d block's norm is ~6x the detail block's, and
+    codes learned from the two found 0.87 of the copies instead of 0.96).
+    """
+
+    def __init__(self, body: nn.Module, layer: str):
+        super().__init__()
+        self.body = body
+        self.layer = layer
+        body.get_submodule(layer)  # AttributeError now, not at the first forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+        # a hook for this call only: the module tree (and so the state-dict keys) stays the body's
+        handle = self.body.get_submodule(self.layer).register_forward_hook(lambda m, i, out: captured.append(out))
+        try:
+            pooled = self.body(x)
+        finally:
+            handle.remove()
+        detail = torch.nn.functional.adaptive_avg_pool2d(captured[-1], DETAIL_GRID).flatten(1)
+        return torch.cat([torch.nn.functional.normalize(pooled, dim=1),
+                          torch.nn.functional.normalize(detail, dim=1)], 1)
+
+
+def resolve_detail_layer(backbone: str, detail_layer: str | None) -> str | None:
+    """``auto``: the backbone's `DETAIL_LAYERS` entry (None where it has none); ``none``/None: None;
+    anything else: that layer name (checked when the backbone is built)."""
+    if detail_layer is None or str(detail_layer).strip().lower() in ("", "none"):
+        return None
+    if str(detail_layer).strip().lower() == "auto":
+        return DETAIL_LAYERS.get(backbone)
+    return str(detail_layer)
+
+
+def _with_detail(extractor: nn.Module, name: str, layer: str, dim: int) -> tuple[nn.Module, int]:
+    if name == "identity":
+        raise ConfigError("the identity backbone has no layers: detail features need an image backbone")
+    try:
+        wrapped = WithDetail(extractor, layer)
+    except AttributeError:
+        layers = [n for n, m in extractor.named_modules() if n and not list(m.children())][:8]
+        raise ConfigError(f"{name} has no layer {layer!r} for detail features (layers are named like "
+                          f"{', '.join(repr(n) for n in layers)}, ...)") from None
+    captured: list[torch.Tensor] = []
+    handle = extractor.get_submodule(layer).register_forward_hook(lambda m, i, out: captured.append(out))
+    was_training = extractor.training
+    try:  # the layer's channel count: one forward of a small blank image (BatchNorm in eval: stats untouched)
+        extractor.eval()
+        with torch.no_grad():
+            extractor(torch.zeros(1, 3, 64, 64))
+    finally:
+        handle.remove()
+        extractor.train(was_training)
+    out = captured[-1] if captured else None
+    if out is None or out.ndim != 4:
+        raise ConfigError(f"layer {layer!r} of {name} does not give a (N, C, H, W) feature map: it cannot be "
+                          "pooled to a grid for detail features")
+    return wrapped, dim + int(out.shape[1]) * DETAIL_GRID * DETAIL_GRID
+
+
 # torchvision builders whose keyword arguments change with the weights: ghindex builds them the same way
 # with and without weights, so a model file trained from ImageNet weights reloads with weights="none".
 _AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")  # googlenet / inception_v3 auxiliary heads (dropped)
@@ -331,15 +407,19 @@ def _load_local(model: nn.Module, name: str, spec: BackboneSpec, path: str) -> N
     model.load_state_dict(state, strict=False)
 
 
-def build_backbone(name: str, weights: str = "none", feature_dim: int | None = None) -> tuple[nn.Module, int]:
+def build_backbone(name: str, weights: str = "none", feature_dim: int | None = None,
+                   detail_layer: str | None = None) -> tuple[nn.Module, int]:
     """Return (feature extractor, feature dimension) for a backbone name.
 
     `weights` is ``none``, ``imagenet`` (torchvision's DEFAULT weights, from the torch hub cache or
     downloaded into it) or a path to a state-dict file in torchvision's key layout. `feature_dim` is
     required for ``identity`` (the size of the precomputed feature vectors) and must not contradict
-    the others.
+    the others. `detail_layer`: a layer whose grid-pooled output joins the features (`WithDetail`;
+    a name, not ``auto``: see `resolve_detail_layer`).
     """
     spec = backbone_spec(name)
+    if detail_layer is not None and spec.cut is None:
+        raise ConfigError("the identity backbone has no layers: detail features need an image backbone")
     if spec.cut is None:
         if not feature_dim or feature_dim <= 0:
             raise ConfigError("the identity backbone needs feature_dim, the length of the feature vectors")
@@ -347,7 +427,7 @@ def build_backbone(name: str, weights: str = "none", feature_dim: int | None = N
             raise ConfigError("the identity backbone takes no weights (use weights='none')")
         return nn.Identity(), int(feature_dim)
     dim = spec.feature_dim if spec.feature_dim is not None else probe_backbone(name)[0]
-    if feature_dim is not None and feature_dim != dim:
+    if feature_dim is not None and feature_dim != dim and detail_layer is None:
         raise ConfigError(f"{name} produces {dim}-d features, not {feature_dim}")
     if weights == "imagenet":
         path = fetch_imagenet_weights(name)  # before building: a missing file fails fast
@@ -356,6 +436,11 @@ def build_backbone(name: str, weights: str = "none", feature_dim: int | None = N
         _load_local(model, name, spec, path)
     elif weights not in (None, "none"):
         _load_local(model, name, spec, os.fspath(weights))
+    if detail_layer is not None:
+        extractor, full = _with_detail(spec.cut(model), name, detail_layer, dim)
+        if feature_dim is not None and feature_dim != full:
+            raise ConfigError(f"{name} with detail layer {detail_layer!r} produces {full}-d features, not {feature_dim}")
+        return extractor, full
     return spec.cut(model), dim
 
 

@@ -23,7 +23,7 @@ from .hashing import check_bits, greedy_sign, pack_signs
 from .images import IMAGENET_MEAN, IMAGENET_STD, image_to_tensor, load_image, normalize
 from .io import atomic_path
 
-FORMAT_VERSION = 2  # the newest version this module reads and writes (1: linear head; 2: with `hash_hidden`)
+FORMAT_VERSION = 3  # the newest version this module reads and writes (1: linear head; 2: with `hash_hidden`; 3: with `detail_layer`)
 CONFIG_KEY = "ghindex_config"
 
 
@@ -39,6 +39,7 @@ class EncoderConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     num_classes: int = 0  # size of the bias-free classifier on codes (0: none)
     hash_hidden: int = 0  # width of a ReLU layer between the features and the hash layer (0: none, the paper's)
+    detail_layer: str | None = None  # backbone layer whose 2x2-pooled output joins the features (backbones.WithDetail)
     copy_radius: int | None = None  # Hamming radius within which codes are copies (`ghindex dedup --radius auto`); None: not measured
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # provenance: training run, protocol, seed...
@@ -106,6 +107,7 @@ class Encoder(nn.Module):
         num_classes: int = 0,
         extra: dict[str, Any] | None = None,
         hash_hidden: int = 0,
+        detail_layer: str | None = None,
     ):
         super().__init__()
         check_bits(bits)
@@ -114,7 +116,7 @@ class Encoder(nn.Module):
         if num_classes < 0:
             raise ConfigError(f"num_classes must be >= 0, got {num_classes}")
         check_hash_hidden(hash_hidden)
-        self.backbone, feature_dim = build_backbone(backbone, weights, feature_dim)
+        self.backbone, feature_dim = build_backbone(backbone, weights, feature_dim, detail_layer)
         self.config = EncoderConfig(
             backbone=backbone,
             bits=int(bits),
@@ -124,9 +126,10 @@ class Encoder(nn.Module):
             std=tuple(float(v) for v in std),
             num_classes=int(num_classes),
             hash_hidden=int(hash_hidden),
-            # version 1 where a version-1 reader rebuilds the model exactly; a hidden layer makes it refuse
-            # the file ("newer than this ghindex supports") instead of dropping the layer
-            format_version=FORMAT_VERSION if hash_hidden else 1,
+            detail_layer=detail_layer,
+            # the oldest version whose reader rebuilds the model exactly: an older reader refuses a file with
+            # a hidden layer or detail features ("newer than this ghindex supports") instead of dropping them
+            format_version=3 if detail_layer else 2 if hash_hidden else 1,
             extra=dict(extra or {}),
         )
         self.hidden_layer = nn.Linear(feature_dim, hash_hidden) if hash_hidden else None
@@ -320,6 +323,7 @@ class Encoder(nn.Module):
                 num_classes=config.num_classes,
                 extra=config.extra,
                 hash_hidden=config.hash_hidden,
+                detail_layer=config.detail_layer,
             )
         except ConfigError as exc:
             raise ModelFileError(f"{name}: {exc}") from None

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .backbones import backbone_names, default_weights, probe_backbone
+from .backbones import backbone_names, default_weights, probe_backbone, resolve_detail_layer
 from .data import ImageDataset
 from .encoder import Encoder, check_hash_hidden
 from .errors import ConfigError, DataError
@@ -131,6 +131,10 @@ class _TrainingRun(TrainingState):
                                       if self.weights != "none" else 1.0)
         if self.backbone != "identity" and source.kind == "images":
             probe_backbone(self.backbone, self.image_size)  # e.g. ViTs take one input size only: say so now
+        # detail features: "auto" adds them where they were measured to help, the views objective's copies
+        auto = isinstance(self.detail_layer, str) and self.detail_layer.strip().lower() == "auto"
+        self.detail_layer = (resolve_detail_layer(self.backbone, self.detail_layer)
+                             if not auto or self.unsupervised_objective == "views" else None)
         # held out: labelled items (their mAP), and unsupervised images (their copies' recall) with or without labels
         measured = source.labels is not None or (self.kind == "unsupervised" and source.kind == "images")
         split = _held_out_split(len(source), self.val_fraction, self.seed) if self.val_fraction and measured else None
@@ -175,6 +179,8 @@ class _TrainingRun(TrainingState):
             "val_items": len(self.val_source) if self.val_source is not None else 0,
             "val_every": int(self.val_every), "keep_best": bool(self.keep_best),
         }
+        if self.detail_layer is not None:  # (absent otherwise: older checkpoints still resume)
+            self.signature["detail_layer"] = self.detail_layer
         if self.unsupervised_objective == "views":  # (absent otherwise: older checkpoints still resume)
             self.signature.update(unsupervised_objective="views", views=int(self.views),
                                   optimizer="adam")  # (momentum and weight_decay: SGD's, unused)
@@ -204,7 +210,7 @@ class _TrainingRun(TrainingState):
             self.backbone, self.bits, weights=self.weights,
             feature_dim=source.features.shape[1] if source.kind == "features" else None,
             image_size=self.image_size, num_classes=self.num_classes, hash_hidden=self.hash_hidden,
-            extra={"class_names": list(class_names)} if class_names else None)
+            extra={"class_names": list(class_names)} if class_names else None, detail_layer=self.detail_layer)
         if self.frozen:
             model.backbone.requires_grad_(False)
         model.to(self.device)
@@ -476,6 +482,7 @@ def train(
     runtime: str = "auto",
     objective: str | None = None,
     views: int = 4,
+    detail_layer: str | None = "auto",
     workers: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -521,6 +528,10 @@ def train(
         hash layer started from view-LDA directions, Adam; its own preset entry). Measured at 64 bits on
         CIFAR-10 at 128 px (benchmarks/RESULTS.md, "Copies"): views finds more edited copies (recall@1 0.807
         vs 0.473) but ranks semantic neighbours worse (mAP@1000 0.441 vs 0.516), hence not the default.
+    detail_layer: a backbone layer whose output, average-pooled to a 2 x 2 grid, joins the pooled features
+        (`ghindex.backbones.WithDetail`; the model file records it): ``auto`` (the default) adds the
+        backbone's `DETAIL_LAYERS` entry for the views objective and nothing otherwise; ``none``; or a layer
+        name (e.g. ``0.13`` for mobilenet_v2: its `features[13]`). Image backbones only.
     Every unsupervised run on images records a copy radius (`config.copy_radius`, ``training["copy_radius"]``):
         the 99th percentile of the Hamming distance between 4 edited views of the held-out images (without
         a held-out slice: of up to 500 training images) and their originals, lowered until at most 1e-5 of
@@ -565,6 +576,7 @@ def train(
         backbone_lr_scale=backbone_lr_scale, val_fraction=float(val_fraction), val_every=int(val_every),
         keep_best=bool(keep_best), preset=preset, init=init, hash_hidden=int(hash_hidden),
         balance=float(balance), runtime=runtime, unsupervised_objective=objective, views=int(views),
+        detail_layer=detail_layer,
     )
     run.prepare_data(data, root)
     checkpoint = run.read_checkpoint() if resume else None

@@ -57,6 +57,7 @@ class TrainingState:
     runtime: str = "auto"  # where a frozen backbone extracts features (`ghindex.runtime`); then the one chosen
     unsupervised_objective: str | None = None  # unsupervised: "similarity" (cosine preservation) or "views"
     views: int = 4  # views objective: edited views per training image (plus the un-edited one)
+    detail_layer: str | None = "auto"  # backbone layer for detail features ("auto": per objective and backbone)
 
     # prepare_data
     source: DataSource = _unset()

@@ -257,3 +257,51 @@ def test_views_run_resumes_to_the_same_weights_and_radius(tmp_path, monkeypatch)
     for (name, a), (_, b) in zip(full.state_dict().items(), part.state_dict().items()):
         assert torch.equal(a, b), name
     assert part.config.copy_radius == full.config.copy_radius
+
+
+# -- detail features --------------------------------------------------------------------------------
+def test_detail_features_join_a_grid_of_a_mid_layer_and_reload(tmp_path):
+    from ghindex.backbones import DETAIL_LAYERS, WithDetail, resolve_detail_layer
+
+    torch.manual_seed(0)
+    plain = Encoder("smallcnn", 16, image_size=32)
+    model = Encoder("smallcnn", 16, image_size=32, detail_layer="features.6")  # 2nd block's ReLU: 64 channels
+    assert isinstance(model.backbone, WithDetail) and model.config.feature_dim == 256 + 64 * 4
+    assert model.config.format_version == 3 and plain.config.format_version == 1
+    x = torch.rand(3, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        f = model.backbone(x)
+        body = model.backbone.body
+        pooled = body(x)
+        mid = body.features[:7](x)  # the layer's own output, pooled to 2 x 2 by hand
+        grid = mid.reshape(3, 64, 2, 8, 2, 8).mean((3, 5)).flatten(1)
+    torch.testing.assert_close(f[:, :256], torch.nn.functional.normalize(pooled, dim=1))
+    torch.testing.assert_close(f[:, 256:], torch.nn.functional.normalize(grid, dim=1))
+    assert not body.features[6]._forward_hooks  # the hook lives for one call only
+    assert set(model.state_dict()) == {k.replace("backbone.", "backbone.body.", 1) if k.startswith("backbone.") else k
+                                       for k in plain.state_dict()}
+    model.save(tmp_path / "d.ghm")
+    again = Encoder.load(tmp_path / "d.ghm")
+    assert again.config.detail_layer == "features.6"
+    np.testing.assert_array_equal(again.encode(x), model.encode(x))
+    assert info(tmp_path / "d.ghm")["detail_layer"] == "features.6"
+    assert resolve_detail_layer("mobilenet_v2", "auto") == DETAIL_LAYERS["mobilenet_v2"] == "0.13"
+    assert resolve_detail_layer("smallcnn", "auto") is None and resolve_detail_layer("mobilenet_v2", "none") is None
+    with pytest.raises(ConfigError, match="no layer 'nope'"):
+        Encoder("smallcnn", 16, image_size=32, detail_layer="nope")
+    with pytest.raises(ConfigError, match="identity"):
+        Encoder("identity", 16, feature_dim=8, detail_layer="features.6")
+
+
+def test_views_training_with_a_detail_layer(tmp_path):
+    folder = demo_folder(tmp_path / "imgs", per_class=24)
+    model = ghindex.train(folder, unsupervised=True, objective="views", views=2, epochs=1, val_fraction=0.25,
+                          detail_layer="features.6", **SMALL)
+    assert model.config.detail_layer == "features.6" and model.config.feature_dim == 512
+    paths = sorted(glob.glob(os.path.join(folder, "*", "*.jpg")))[:4]
+    with torch.inference_mode():  # the saved model's codes come from its own features, detail included
+        h = model.head(model.features(torch.stack([model.preprocess(p) for p in paths])))
+    np.testing.assert_array_equal(model.encode(paths), ghindex.pack_signs(h))
+    similarity = ghindex.train(folder, unsupervised=True, epochs=1, val_fraction=0.0, **SMALL)
+    assert similarity.config.detail_layer is None  # auto: only the views objective gets detail features
