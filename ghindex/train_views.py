@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from .augment import edited_views
@@ -64,7 +65,8 @@ class ViewDataset(torch.utils.data.Dataset):
         size = self.preprocess.image_size
         count = self.views + (1 if self.original else 0)
         try:
-            img = load_image(self.source.paths[i]).resize((size, size))  # edits see the model's input size
+            # edits see the image as the model's input: resized the way `images.image_to_tensor` resizes it
+            img = load_image(self.source.paths[i]).resize((size, size), Image.BILINEAR)
         except ImageError as exc:
             return i, torch.zeros(count, 3, size, size), str(exc)
         edited = edited_views(img, self.views, self.seed, i, self.stream)

@@ -200,7 +200,9 @@
     const unit = document.createElement("small");
     unit.textContent = nb.distance === 1 ? " bit" : " bits";
     dist.append(unit);
-    dist.title = "Hamming distance";
+    // uploaded images are ranked by weighted Hamming distance (bits weighed by how sure the query is of each)
+    dist.title = nb.weighted_distance === undefined || nb.weighted_distance === null ? "Hamming distance"
+      : `Hamming distance; ranked by weighted distance ${nb.weighted_distance.toFixed(2)}`;
     top.append(name, dist);
     const idLine = document.createElement("span");
     idLine.className = "id";
