@@ -46,6 +46,11 @@ on 128 px features, 10,000 test queries against the 50,000 training images, for 
 (query images' hash outputs against the database's codes), and ITQ fitted on the features of those images. The 60,000 features are extracted once and cached in $GHINDEX_COPIES_CACHE
 (/tmp/ghindex-copies).
 
+`--cifar10-i 16,32,64` runs only the cifar10-I cells instead (ghindex's protocol, seed 0: 1,000 queries,
+59,000 database images, 5,000 training images; the same contenders, weighted rankings and ITQ; rows to
+results/bench_copies/cifar10_i.jsonl), for the table of CIBHash (IJCAI 2021), whose frozen VGG16 at
+224 px cannot be used offline here.
+
 Output: a markdown table on stdout; one JSON line per (contender, measure) appended to --out
 (default benchmarks/results/bench_copies/copies_<n_db>db_<bits>bits.jsonl). Logs on stderr.
 """
@@ -377,6 +382,49 @@ def map1000(q, db, ql, dbl) -> float:
     return round(float(mean_average_precision(q, db, ql, dbl, topk=1000)), 4)
 
 
+def cifar10_i_cells(enc, bits_list, epochs, out, common) -> None:
+    """cifar10-I mAP@1000 (ghindex's protocol, seed 0: 100 queries and 500 training images per class drawn
+    from all 60,000, the database every image that is not a query) for the learned objectives (trained on
+    that protocol's 5,000 training images), their weighted ranking, and ITQ; printed and appended to `out`."""
+    from ghindex.data import cifar_pool, protocol_splits
+
+    feats, labels, _ = pool_features(enc)
+    pool, n_train = cifar_pool(ensure_cifar())
+    split = protocol_splits(pool.labels, n_train, "cifar10-I", seed=0)
+    source = pool.subset(split["train"], "cifar10-I training split (seed 0)")
+    qi, dbi = split["query"], split["database"]
+    ql, dbl = labels[qi], labels[dbi]
+    cells = []
+    for bits in bits_list:
+        for objective in objectives():
+            model, seconds = train_model(objective, source, bits, epochs)
+            if model is None:
+                write_row(out, dict(common, measure="cifar10-I mAP@1000", contender=objective, bits=bits, error=seconds))
+                continue
+            own = feats
+            if getattr(model.config, "detail_layer", None):
+                from ghindex.runtime import use_runtime
+
+                use_runtime(model, "auto")
+                own, _, _ = pool_features(model)
+            db_codes = model_codes(model, own[dbi])
+            cells.append((objective, bits, map1000(model_codes(model, own[qi]), db_codes, ql, dbl), seconds))
+            cells.append((f"{objective}, weighted", bits, weighted_map1000(model_outputs(model, own[qi]), db_codes, ql, dbl),
+                          seconds))
+        q_codes, db_codes = itq_codes(feats[split["train"]], [feats[qi], feats[dbi]], bits)
+        cells.append(("itq", bits, map1000(q_codes, db_codes, ql, dbl), None))
+    print(f"\n| cifar10-I mAP@1000, 128 px ({len(qi)} queries, {len(dbi)} database, 5,000 training images) | "
+          + " | ".join(f"{b} bits" for b in bits_list) + " |")
+    print("|---" * (len(bits_list) + 1) + "|")
+    for name in dict.fromkeys(c[0] for c in cells):
+        got = {c[1]: c[2] for c in cells if c[0] == name}
+        print(f"| {name} | " + " | ".join(f"{got[b]:.4f}" if b in got else "failed" for b in bits_list) + " |")
+    for name, bits, value, seconds in cells:
+        write_row(out, dict(common, measure="cifar10-I mAP@1000", contender=name, bits=bits, map_at_1000=value,
+                            semantic_queries=len(qi), semantic_db=len(dbi),
+                            train_seconds=None if seconds is None else round(seconds, 1)))
+
+
 # -- the run ------------------------------------------------------------------------------------------
 def write_row(path: str, row: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -443,6 +491,8 @@ def main(argv=None) -> None:
     ap.add_argument("--semantic-subset", type=int, default=0,
                     help="cifar10-II on a seeded N training and N/5 test images only (smoke runs; 0 = all)")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: ghindex's)")
+    ap.add_argument("--cifar10-i", default=None, metavar="BITS",
+                    help="ONLY the cifar10-I cells at these bits (e.g. 16,32,64), next to CIBHash's table; no copies")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("GHINDEX_COPIES_THREADS", "2")))
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 300 db, 50 queries, 300 training images, 1 epoch, no semantic cells")
@@ -469,6 +519,10 @@ def main(argv=None) -> None:
     common = dict(started=started, n_db=args.n_db, n_queries=args.n_queries, n_train=args.n_train,
                   image_size=SIZE, load_at_start=round(os.getloadavg()[0], 2), cpus=os.cpu_count())
 
+    if args.cifar10_i:
+        cifar10_i_cells(extractor(), [int(b) for b in args.cifar10_i.split(",") if b.strip()], args.epochs,
+                        args.out or os.path.join(RESULTS_DIR, "cifar10_i.jsonl"), common)
+        return
     t0 = time.perf_counter()
     db_paths, queries, originals, edits = copy_set(args.n_db, args.n_queries)
     db_images = [upscale(p) for p in db_paths]

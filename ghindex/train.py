@@ -577,7 +577,7 @@ def train(
         backbone_lr_scale=backbone_lr_scale, val_fraction=float(val_fraction), val_every=int(val_every),
         keep_best=bool(keep_best), preset=preset, init=init, hash_hidden=int(hash_hidden),
         balance=float(balance), runtime=runtime, unsupervised_objective=objective, views=int(views),
-        detail_layer=detail_layer,
+        detail_layer=detail_layer, max_grad_norm=chosen.get("max_grad_norm"),
     )
     run.prepare_data(data, root)
     checkpoint = run.read_checkpoint() if resume else None

@@ -201,6 +201,13 @@ def _image_steps(run: TrainingState, epoch: int, order: torch.Tensor, gen: torch
     return skipped
 
 
+def _clip(run: TrainingState) -> None:
+    """Scale the step's gradients down to `run.max_grad_norm` when above it (multiplied by 1.0 otherwise:
+    unchanged, bit for bit)."""
+    params = [p for group in run.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, run.max_grad_norm)
+
+
 def _step(run: TrainingState, epoch: int, stats: EpochStats, h_raw, features, y, loss_weight: float = 1.0) -> None:
     """Loss, backward and optimizer step on one batch's H; its statistics unless loss_weight is 0."""
     h = h_raw.float()
@@ -214,10 +221,15 @@ def _step(run: TrainingState, epoch: int, stats: EpochStats, h_raw, features, y,
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler is not None:
         run.scaler.scale(terms.total).backward()
+        if run.max_grad_norm is not None:
+            run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
+            _clip(run)
         run.scaler.step(run.optimizer)
         run.scaler.update()
     else:
         terms.total.backward()
+        if run.max_grad_norm is not None:
+            _clip(run)
         run.optimizer.step()
     if loss_weight:
         stats.add(terms, h)

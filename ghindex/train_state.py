@@ -58,6 +58,7 @@ class TrainingState:
     unsupervised_objective: str | None = None  # unsupervised: "similarity" (cosine preservation) or "views"
     views: int = 4  # views objective: edited views per training image (plus the un-edited one)
     detail_layer: str | None = "auto"  # backbone layer for detail features ("auto": per objective and backbone)
+    max_grad_norm: float | None = None  # a step's gradients are scaled down to this norm (None: never)
 
     # prepare_data
     source: DataSource = _unset()

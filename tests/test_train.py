@@ -219,6 +219,33 @@ def test_unsupervised_training_reduces_loss_and_keeps_neighbours():
     assert after < 0.7 * before
 
 
+def test_default_unsupervised_steps_clip_their_gradients_and_leave_small_ones_alone(monkeypatch):
+    from types import SimpleNamespace
+
+    import ghindex.train_epoch as train_epoch
+    from ghindex.train_settings import MAX_GRAD_NORM
+
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
+    run = SimpleNamespace(optimizer=torch.optim.SGD([a, b], lr=0.1), max_grad_norm=MAX_GRAD_NORM)
+    a.grad, b.grad = torch.full((3,), 30.0), torch.full((4,), -40.0)
+    train_epoch._clip(run)
+    assert float(torch.cat([a.grad, b.grad]).norm()) == pytest.approx(MAX_GRAD_NORM, rel=1e-5)
+    small = torch.tensor([0.3, -1.7, 2.2])
+    a.grad, b.grad = small.clone(), None
+    train_epoch._clip(run)
+    assert torch.equal(a.grad, small)  # below the norm: untouched, bit for bit
+
+    clipped = []
+    monkeypatch.setattr(train_epoch, "_clip", lambda r: clipped.append(r.max_grad_norm))
+    feats, _ = blobs(n_per_class=20, dim=16, classes=3, seed=4)
+    common = dict(bits=16, unsupervised=True, epochs=1, batch_size=16, device="cpu", progress=False)
+    ghindex.train(feature_source(np.abs(feats)), **common)
+    assert clipped and set(clipped) == {MAX_GRAD_NORM}  # every step of the default preset
+    clipped.clear()
+    ghindex.train(feature_source(np.abs(feats)), preset="paper", **common)
+    assert clipped == []  # the paper's settings do not clip
+
+
 def test_hash_hidden_layer_reads_raw_features_after_training_on_centred_rows(tmp_path):
     feats, _ = blobs(n_per_class=30, dim=16, classes=3, seed=3)
     feats = np.abs(feats)
