@@ -124,6 +124,8 @@ class WithDetail(nn.Module):
             pooled = self.body(x)
         finally:
             handle.remove()
+        if captured[-1].ndim != 4:
+            raise ValueError(f"layer {self.layer!r} gives a {captured[-1].ndim}-d output, not an (N, C, H, W) map")
         detail = torch.nn.functional.adaptive_avg_pool2d(captured[-1], DETAIL_GRID).flatten(1)
         return torch.cat([torch.nn.functional.normalize(pooled, dim=1),
                           torch.nn.functional.normalize(detail, dim=1)], 1)
@@ -139,30 +141,26 @@ def resolve_detail_layer(backbone: str, detail_layer: str | None) -> str | None:
     return str(detail_layer)
 
 
-def _with_detail(extractor: nn.Module, name: str, layer: str, dim: int) -> tuple[nn.Module, int]:
-    if name == "identity":
-        raise ConfigError("the identity backbone has no layers: detail features need an image backbone")
+def _with_detail(extractor: nn.Module, name: str, layer: str) -> tuple[nn.Module, int]:
+    """(`WithDetail` of the extractor, its feature width); ConfigError for a layer it cannot use."""
     try:
         wrapped = WithDetail(extractor, layer)
     except AttributeError:
         layers = [n for n, m in extractor.named_modules() if n and not list(m.children())][:8]
         raise ConfigError(f"{name} has no layer {layer!r} for detail features (layers are named like "
                           f"{', '.join(repr(n) for n in layers)}, ...)") from None
-    captured: list[torch.Tensor] = []
-    handle = extractor.get_submodule(layer).register_forward_hook(lambda m, i, out: captured.append(out))
-    was_training = extractor.training
-    try:  # the layer's channel count: one forward of a small blank image (BatchNorm in eval: stats untouched)
-        extractor.eval()
+    was_training = wrapped.training
+    try:  # its width: one forward of a small blank image (in eval mode: BatchNorm statistics untouched)
+        wrapped.eval()
         with torch.no_grad():
-            extractor(torch.zeros(1, 3, 64, 64))
+            width = int(wrapped(torch.zeros(1, 3, 64, 64)).shape[1])
+    except (RuntimeError, ValueError) as exc:  # e.g. a layer whose output is not an (N, C, H, W) map
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"layer {layer!r} of {name} cannot be pooled to a grid for detail features "
+                          f"({first[:200]})") from None
     finally:
-        handle.remove()
-        extractor.train(was_training)
-    out = captured[-1] if captured else None
-    if out is None or out.ndim != 4:
-        raise ConfigError(f"layer {layer!r} of {name} does not give a (N, C, H, W) feature map: it cannot be "
-                          "pooled to a grid for detail features")
-    return wrapped, dim + int(out.shape[1]) * DETAIL_GRID * DETAIL_GRID
+        wrapped.train(was_training)
+    return wrapped, width
 
 
 # torchvision builders whose keyword arguments change with the weights: ghindex builds them the same way
@@ -437,7 +435,7 @@ def build_backbone(name: str, weights: str = "none", feature_dim: int | None = N
     elif weights not in (None, "none"):
         _load_local(model, name, spec, os.fspath(weights))
     if detail_layer is not None:
-        extractor, full = _with_detail(spec.cut(model), name, detail_layer, dim)
+        extractor, full = _with_detail(spec.cut(model), name, detail_layer)
         if feature_dim is not None and feature_dim != full:
             raise ConfigError(f"{name} with detail layer {detail_layer!r} produces {full}-d features, not {feature_dim}")
         return extractor, full

@@ -3,9 +3,9 @@
 Results come back per query, ranked by Hamming distance with ties by database position (the same
 rule as the metrics), with each neighbour's id, distance, and its path and label when the code store
 the index was built from (index meta `store_path`) keeps them. Image queries re-rank their nearest
-`RERANK` codes by weighted Hamming distance (the query's hash outputs weigh its bits, see `query`). Images are encoded with the given
-model, which must be the model the index's codes came from: its file fingerprint must equal the
-index's `encoder_fingerprint` unless `force=True`.
+`RERANK` codes by weighted Hamming distance (the query's hash outputs weigh its bits, see `query`).
+Images are encoded with the given model, which must be the model the index's codes came from: its
+file fingerprint must equal the index's `encoder_fingerprint` unless `force=True`.
 """
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ from .store import resolve_radius
 
 log = logging.getLogger(__name__)
 
-# Image queries: candidates re-ranked by weighted Hamming distance. On the copies benchmark (64 bits,
-# 5,000 database images) the first 50 by Hamming distance already held every original the full
-# weighted ranking put first; 100 leaves room for larger databases at ~0.1 ms per query.
+# Image queries: candidates re-ranked by weighted Hamming distance. On the copies validation split (64
+# bits, 5,000 database images) re-ranking the first 50 by Hamming distance found as many originals as
+# ranking all 5,000 that way; 100 leaves room for larger databases. Their distances take ~0.01-0.02 ms
+# per query.
 RERANK = 100
 
 #: Largest grid the retrieval picture draws (rows = queries, columns = neighbours).
@@ -223,14 +224,9 @@ class Searcher:
             self.db._paths = self.store.paths()
         return True
 
-    def encode(self, images, batch_size: int = 64) -> np.ndarray:
-        """Codes of images (paths or PIL images) with the loaded model."""
-        if self.encoder is None:
-            raise ConfigError("images need a model to encode them (--model)")
-        return self.encoder.encode(list(images), batch_size=batch_size)
-
     def hash_outputs(self, images, batch_size: int = 64) -> np.ndarray:
-        """The model's continuous hash outputs H of images: their codes are H >= 0 (`rerank` weighs by |H|)."""
+        """The model's continuous hash outputs H of images (paths or PIL images): their codes are H >= 0
+        (`pack_signs`), and |H| weighs the bits when re-ranking (`rerank_distances`)."""
         if self.encoder is None:
             raise ConfigError("images need a model to encode them (--model)")
         return self.encoder.hash_outputs(list(images), batch_size=batch_size)

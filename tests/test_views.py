@@ -292,6 +292,8 @@ def test_detail_features_join_a_grid_of_a_mid_layer_and_reload(tmp_path):
         Encoder("smallcnn", 16, image_size=32, detail_layer="nope")
     with pytest.raises(ConfigError, match="identity"):
         Encoder("identity", 16, feature_dim=8, detail_layer="features.6")
+    with pytest.raises(ConfigError, match="cannot be pooled to a grid"):
+        Encoder("smallcnn", 16, image_size=32, detail_layer="pool.1")  # (N, 256): no map to pool
 
 
 def test_views_training_with_a_detail_layer(tmp_path):

@@ -192,5 +192,5 @@ async def search_input_from_form(request: Request, params: dict, service: Servic
             images.append(await anyio.to_thread.run_sync(_decode_upload, data, name))
     finally:
         await form.close()
-    projections = await service.encode(images, ticket)
+    projections = await service.hash_outputs(images, ticket)
     return service.image_job(projections, k, radius, [query_record(name) for name in names])

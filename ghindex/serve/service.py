@@ -144,7 +144,8 @@ class Service:
     async def search(self, job: SearchJob, ticket=None) -> list[dict]:
         return await self.search_batcher.submit(job, ticket)
 
-    async def encode(self, images: list, ticket=None) -> np.ndarray:
+    async def hash_outputs(self, images: list, ticket=None) -> np.ndarray:
+        """The images' hash outputs (their codes are the signs), encoded in a shared micro-batch."""
         return await self.encode_batcher.submit(images, ticket)
 
     def thumbnail(self, path: str) -> tuple[bytes, str]:
