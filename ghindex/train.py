@@ -481,7 +481,7 @@ def train(
     device: str = "auto",
     runtime: str = "auto",
     objective: str | None = None,
-    views: int = 4,
+    views: int = 8,
     detail_layer: str | None = "auto",
     workers: int | None = None,
     resume: bool = False,

@@ -56,7 +56,7 @@ class TrainingState:
     balance: float = 0.0  # weight of the bit balance penalty
     runtime: str = "auto"  # where a frozen backbone extracts features (`ghindex.runtime`); then the one chosen
     unsupervised_objective: str | None = None  # unsupervised: "similarity" (cosine preservation) or "views"
-    views: int = 4  # views objective: edited views per training image (plus the un-edited one)
+    views: int = 8  # views objective: edited views per training image (plus the un-edited one)
     detail_layer: str | None = "auto"  # backbone layer for detail features ("auto": per objective and backbone)
     max_grad_norm: float | None = None  # a step's gradients are scaled down to this norm (None: never)
 
