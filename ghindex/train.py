@@ -527,8 +527,8 @@ def train(
         un-edited image and `views` edits from `ghindex.augment`, their features extracted once; a linear
         hash layer started from view-LDA directions, Adam; its own preset entry). Measured at 64 bits on
         CIFAR-10 at 128 px (benchmarks/RESULTS.md, "Copies"; with its detail features): views finds far more
-        edited copies (recall@1 of image queries 0.976 vs 0.595, code against code 0.927 vs 0.473) but ranks
-        semantic neighbours worse (mAP@1000 0.431 vs 0.516), hence not the default.
+        edited copies (recall@1 of image queries 0.990 vs 0.595, code against code 0.939 vs 0.473) but ranks
+        semantic neighbours worse (mAP@1000 0.434 vs 0.516), hence not the default.
     detail_layer: a backbone layer whose output, average-pooled to a 2 x 2 grid, joins the pooled features
         (`ghindex.backbones.WithDetail`; the model file records it): ``auto`` (the default) adds the
         backbone's `DETAIL_LAYERS` entry for the views objective and nothing otherwise; ``none``; or a layer
