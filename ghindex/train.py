@@ -552,7 +552,10 @@ def train(
     group = "views" if unsupervised and objective == "views" else _run_group(kind, freeze_backbone, backbone, data)
     chosen = PRESETS[preset][group]
     pick = lambda value, key: chosen[key] if value is None else value  # noqa: E731
-    epochs, lr, batch_size, alpha = pick(epochs, "epochs"), pick(lr, "lr"), pick(batch_size, "batch_size"), pick(alpha, "alpha")
+    # short codes have their own lr where the preset names one (`small_codes_lr`)
+    small = chosen.get("small_codes_lr") if isinstance(bits, int) and bits <= chosen.get("small_codes_bits", 0) else None
+    epochs, batch_size, alpha = pick(epochs, "epochs"), pick(batch_size, "batch_size"), pick(alpha, "alpha")
+    lr = lr if lr is not None else small if small is not None else chosen["lr"]
     center, init, hash_hidden = pick(center, "center"), pick(init, "init"), pick(hash_hidden, "hash_hidden")
     if init not in ("random", "pca", "lda"):
         raise ConfigError(f"init must be 'random', 'pca' or 'lda', got {init!r}")

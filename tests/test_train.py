@@ -246,6 +246,16 @@ def test_default_unsupervised_steps_clip_their_gradients_and_leave_small_ones_al
     assert clipped == []  # the paper's settings do not clip
 
 
+def test_short_unsupervised_codes_default_to_their_own_lr():
+    feats, _ = blobs(n_per_class=10, dim=16, classes=3, seed=5)
+    common = dict(unsupervised=True, epochs=1, batch_size=16, device="cpu", progress=False)
+    lr = lambda **kw: ghindex.train(feature_source(np.abs(feats)), **common, **kw).config.extra["training"]["lr"]  # noqa: E731
+    assert lr(bits=16) == 0.1 and lr(bits=8) == 0.1  # the preset's small_codes_lr
+    assert lr(bits=24) == 0.3 and lr(bits=64) == 0.3
+    assert lr(bits=16, lr=0.02) == 0.02  # an explicit lr always wins
+    assert lr(bits=16, preset="paper") == 1e-4  # the paper's preset has no such rule
+
+
 def test_hash_hidden_layer_reads_raw_features_after_training_on_centred_rows(tmp_path):
     feats, _ = blobs(n_per_class=30, dim=16, classes=3, seed=3)
     feats = np.abs(feats)
