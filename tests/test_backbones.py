@@ -173,7 +173,7 @@ def test_default_is_pretrained_and_offline_error_is_one_line(tmp_path, runner, o
 def test_presets_fill_unset_settings_only():
     feats, labels = blobs(n_per_class=20, dim=8)
     src = DataSource("features", "blobs", features=np.abs(feats))
-    run = dict(bits=8, unsupervised=True, epochs=1, device="cpu", progress=False)
+    run = dict(bits=32, unsupervised=True, epochs=1, device="cpu", progress=False)  # (16 bits or fewer: small_codes_lr)
     info = ghindex.train(src, **run).config.extra["training"]
     default = train_module.PRESETS["default"]["unsupervised"]
     assert (info["lr"], info["alpha"], info["center"], info["batch_size"]) == (
