@@ -113,15 +113,16 @@ def weighted_hamming(projections, candidates: np.ndarray) -> np.ndarray:
         raise ConfigError(f"codes of {candidates.shape[-1]} bytes do not hold {nbits}-bit projections")
     query_bits = h >= 0
     weights = np.abs(h)
-    if candidates.ndim == 2:  # one candidate set for all queries: in chunks, the same sums as below
+
+    def sums(packed: np.ndarray) -> np.ndarray:  # packed: (Q or 1, K, code_bytes) -> (Q, K)
+        bits = unpack_bits(packed.reshape(-1, packed.shape[-1]), nbits).astype(bool).reshape(*packed.shape[:2], nbits)
+        return ((bits != query_bits[:, None, :]) * weights[:, None, :]).sum(2, dtype=np.float32)
+
+    if candidates.ndim == 2:  # one candidate set for all queries: in chunks, through the same sums
         out = np.empty((h.shape[0], candidates.shape[0]), np.float32)
         for start in range(0, candidates.shape[0], 1024):
-            bits = unpack_bits(candidates[start:start + 1024], nbits).astype(bool)
-            out[:, start:start + len(bits)] = ((bits[None] != query_bits[:, None, :]) * weights[:, None, :]).sum(
-                2, dtype=np.float32)
+            out[:, start:start + 1024] = sums(candidates[None, start:start + 1024])
         return out
     if candidates.ndim != 3 or candidates.shape[0] != h.shape[0]:
         raise ConfigError(f"candidates must be (queries, K, code bytes) for {h.shape[0]} queries, got {candidates.shape}")
-    bits = unpack_bits(candidates.reshape(-1, candidates.shape[-1]), nbits).astype(bool)
-    bits = bits.reshape(candidates.shape[0], candidates.shape[1], nbits)
-    return ((bits != query_bits[:, None, :]) * weights[:, None, :]).sum(2, dtype=np.float32)
+    return sums(candidates)
