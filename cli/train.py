@@ -31,6 +31,9 @@ from ghindex.data import PROTOCOLS
 @click.option("--views", type=int, default=8, show_default=True,
               help="--objective views: edited views per training image, their features extracted once (8 found more "
                    "copies than 4 on a validation split, for twice the extraction time).")
+@click.option("--similarity-weight", type=float, default=None,
+              help="--objective views: weight of its second term, the un-edited images' codes keeping their pooled "
+                   "features' cosines, next to NT-Xent (0: NT-Xent alone). [default: 30]")
 @click.option("--detail-layer", default="auto", show_default=True, metavar="auto|none|LAYER",
               help="A backbone layer whose output, pooled to a 2x2 grid, joins the features (recorded in the model): "
                    "auto adds the backbone's own for --objective views (mobilenet_v2: 0.13, its features[13]) and "

@@ -114,6 +114,7 @@ class WithDetail(nn.Module):
         super().__init__()
         self.body = body
         self.layer = layer
+        self.pooled_width: int | None = None  # columns of the pooled block (set by `_with_detail`)
         body.get_submodule(layer)  # AttributeError now, not at the first forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,6 +155,7 @@ def _with_detail(extractor: nn.Module, name: str, layer: str) -> tuple[nn.Module
         wrapped.eval()
         with torch.no_grad():
             width = int(wrapped(torch.zeros(1, 3, 64, 64)).shape[1])
+            wrapped.pooled_width = int(extractor(torch.zeros(1, 3, 64, 64)).shape[1])  # the first block's
     except (RuntimeError, ValueError) as exc:  # e.g. a layer whose output is not an (N, C, H, W) map
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"layer {layer!r} of {name} cannot be pooled to a grid for detail features "

@@ -7,7 +7,9 @@
 - `quantization_penalty` (from `ghindex.hashing`): mean(|H - sgn(H)|^p), weighted by `alpha`.
 - `bit_balance_penalty`: mean over bits of (mean of a bit over the batch)^2, weighted by `balance`.
 - `nt_xent_loss`: SimCLR's contrastive loss between the codes of two edited views of each image
-  (the ``views`` objective: copies of one image agree, different images differ).
+  (the ``views`` objective: copies of one image agree, different images differ), plus, weighted by
+  `similarity`, `cosine_preservation_loss` on the un-edited images (their codes keep the features'
+  similarities too).
 
 `Objective` combines one main term with the penalty; `objective(...)` returns a `LossTerms` so the
 training loop can log each part. Codes B come from `greedy_sign(H)`, so every gradient reaching B
@@ -100,6 +102,7 @@ class Objective:
     shift: float = 0.0  # unsupervised only: the feature cosine that the target maps to 0
     balance: float = 0.0  # weight of `bit_balance_penalty`
     temperature: float = 0.1  # views only: NT-Xent's temperature
+    similarity: float = 0.0  # views only: weight of `cosine_preservation_loss` on the un-edited images
 
     def __post_init__(self):
         if self.kind not in OBJECTIVES:
@@ -108,16 +111,27 @@ class Objective:
             raise ConfigError(f"alpha must be >= 0, got {self.alpha}")
         if not self.balance >= 0:
             raise ConfigError(f"balance must be >= 0, got {self.balance}")
+        if not self.similarity >= 0:
+            raise ConfigError(f"the similarity weight must be >= 0, got {self.similarity}")
 
     def __call__(self, h: torch.Tensor, b: torch.Tensor, *, features: torch.Tensor | None = None,
                  classifier: torch.nn.Module | None = None, labels: torch.Tensor | None = None) -> LossTerms:
         """h: hash-layer outputs (N, bits); b: `greedy_sign(h)`; features: backbone outputs (unsupervised);
         classifier + labels: supervised objectives. views: h and b hold two views of B items, the first
-        view's B rows, then the second's."""
+        view's B rows, then the second's; with `similarity`, then the B un-edited items' rows, whose codes
+        keep the cosines of `features` (B, D)."""
         if self.kind == "views":
-            if len(b) % 2:
+            pairs = b
+            if self.similarity:
+                if features is None or 3 * len(features) != len(b):
+                    raise ConfigError("the views objective's similarity term needs the features of the B un-edited "
+                                      "items and 3B rows (two views, then the un-edited items)")
+                pairs, plain = b[:2 * len(features)], b[2 * len(features):]
+            if len(pairs) % 2:
                 raise ConfigError("the views objective needs two views of each item (an even number of rows)")
-            main = nt_xent_loss(b[:len(b) // 2], b[len(b) // 2:], self.temperature)
+            main = nt_xent_loss(pairs[:len(pairs) // 2], pairs[len(pairs) // 2:], self.temperature)
+            if self.similarity:
+                main = main + self.similarity * cosine_preservation_loss(features, plain, self.shift)
         elif self.kind == "unsupervised":
             if features is None:
                 raise ConfigError("the unsupervised objective needs the backbone features")

@@ -101,6 +101,7 @@ from .train_settings import (
     PRESETS,
     _check_args,
     _check_objective,
+    _check_similarity_weight,
     _objective_kind,
     _run_group,
     _setup_processes,
@@ -184,6 +185,8 @@ class _TrainingRun(TrainingState):
         if self.unsupervised_objective == "views":  # (absent otherwise: older checkpoints still resume)
             self.signature.update(unsupervised_objective="views", views=int(self.views),
                                   optimizer="adam")  # (momentum and weight_decay: SGD's, unused)
+            if self.similarity_weight:  # (absent at 0: older checkpoints still resume)
+                self.signature["similarity_weight"] = float(self.similarity_weight)
         self.weights_info = {"weights": os.fspath(self.weights)}
         if self.weights not in ("none", "imagenet", None) and os.path.isfile(os.fspath(self.weights)):
             self.weights_info["weights_sha256"] = file_fingerprint(self.weights)
@@ -262,7 +265,7 @@ class _TrainingRun(TrainingState):
     def prepare_inputs(self) -> None:
         """What the epochs read: cached frozen features (once), or a dataset of images; and the objective."""
         model, device = self.model, self.device
-        self.target_shift = 0.0
+        self.target_shift, self.similarity_width = 0.0, None
         # (unsupervised, centred: the saved layer needs the cache's mean and scale even with no epoch left)
         if self.frozen and (self.start_epoch < self.epochs or (self.kind == "unsupervised" and self.center)):
             self.runtime = use_runtime(model, self.runtime, device=device)  # model.features: ONNX Runtime on CPUs
@@ -290,6 +293,12 @@ class _TrainingRun(TrainingState):
                 # features' cosines wherever both ran (+0.000 to +0.022; RESULTS.md, "Training:
                 # unsupervised").
                 self.feature_mean, centred_square, self.target_shift = _feature_stats(cached)
+                if self.unsupervised_objective == "views" and self.similarity_weight:
+                    # the similarity target of the views objective: the pooled block alone (with detail
+                    # features, the grid block would ask codes to keep layouts' similarities, not contents')
+                    self.similarity_width = getattr(model.backbone, "pooled_width", None)
+                    if self.similarity_width is not None:
+                        self.target_shift = _feature_stats(cached[:, :self.similarity_width])[2]
                 self.feature_scale = math.sqrt(cached.shape[1] / max(centred_square, 1e-30))
                 if self.target_shift > MAX_TARGET_SHIFT:
                     raise DataError(f"{self.source.description}: the features all point the same way (mean cosine "
@@ -327,8 +336,9 @@ class _TrainingRun(TrainingState):
                 val, kept = _extract_features_sharded(model, self.val_source, device, max(self.batch_size, 64),
                                                       self.workers, self.autocast, False)
                 self.val_cached, self.val_labels = val.to(self.cached.device), self.val_labels[kept]
-        self.objective = Objective("views" if self.unsupervised_objective == "views" else self.kind, alpha=self.alpha,
-                                   shift=self.target_shift, balance=self.balance)
+        views = self.unsupervised_objective == "views"
+        self.objective = Objective("views" if views else self.kind, alpha=self.alpha, shift=self.target_shift,
+                                   balance=self.balance, similarity=float(self.similarity_weight) if views else 0.0)
         model.set_backbone_runner(None)  # the runtime served the feature cache; the returned model runs PyTorch
 
     def centred_rows(self, features: torch.Tensor) -> torch.Tensor:
@@ -482,6 +492,7 @@ def train(
     runtime: str = "auto",
     objective: str | None = None,
     views: int = 8,
+    similarity_weight: float | None = None,
     detail_layer: str | None = "auto",
     workers: int | None = None,
     resume: bool = False,
@@ -529,6 +540,10 @@ def train(
         CIFAR-10 at 128 px (benchmarks/RESULTS.md, "Copies"; with its detail features): views finds far more
         edited copies (recall@1 of image queries 0.990 vs 0.595, code against code 0.939 vs 0.473) but ranks
         semantic neighbours worse (mAP@1000 0.434 vs 0.516), hence not the default.
+    similarity_weight: the views objective's second term: the codes of the un-edited training images keep their
+        pooled features' cosines (`cosine_preservation_loss`, as ``similarity``) with this weight next to NT-Xent
+        (0: NT-Xent alone; default: the preset's, 30, chosen on a validation split: more semantic neighbours
+        at the same copy recall, RESULTS.md "Copies").
     detail_layer: a backbone layer whose output, average-pooled to a 2 x 2 grid, joins the pooled features
         (`ghindex.backbones.WithDetail`; the model file records it): ``auto`` (the default) adds the
         backbone's `DETAIL_LAYERS` entry for the views objective and nothing otherwise; ``none``; or a layer
@@ -566,6 +581,7 @@ def train(
     _check_args(bits, epochs, lr, lr_step, momentum, weight_decay, batch_size, alpha, image_size, workers,
                 backbone_lr_scale, val_fraction, val_every, preset, balance)
     objective = _check_objective(objective, views, unsupervised, init, hash_hidden, center)
+    similarity_weight = _check_similarity_weight(similarity_weight, objective, chosen)
     _check_outputs(out, resume, overwrite)
     kind = _objective_kind(unsupervised, multi_label, freeze_backbone, batch_size)
     torch_device, world, progress = _setup_processes(device, kind, batch_size, progress)
@@ -580,6 +596,7 @@ def train(
         backbone_lr_scale=backbone_lr_scale, val_fraction=float(val_fraction), val_every=int(val_every),
         keep_best=bool(keep_best), preset=preset, init=init, hash_hidden=int(hash_hidden),
         balance=float(balance), runtime=runtime, unsupervised_objective=objective, views=int(views),
+        similarity_weight=similarity_weight,
         detail_layer=detail_layer, max_grad_norm=chosen.get("max_grad_norm"),
     )
     run.prepare_data(data, root)

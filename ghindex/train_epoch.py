@@ -148,19 +148,23 @@ def _cached_steps(run: TrainingState, epoch: int, order: torch.Tensor, stats: Ep
 def _view_steps(run: TrainingState, epoch: int, order: torch.Tensor, gen: torch.Generator, stats: EpochStats,
                 bar) -> int:
     """The views objective's steps on cached view features: for each image two different views out of its
-    1+V (drawn from the epoch's generator), the first views' rows then the second's through the hash layer;
-    returns 0 (nothing skipped)."""
+    1+V (drawn from the epoch's generator), the first views' rows then the second's through the hash layer,
+    and with a similarity term the un-edited images' rows (view 0) after them, whose target is their
+    features' first `run.similarity_width` columns (the pooled block); returns 0 (nothing skipped)."""
     views, head = run.view_cache, run.model.head
     count = views.shape[1]
+    similarity = bool(run.objective.similarity)
     for start in range(0, len(order), run.process_batch):
         idx = order[start:start + run.process_batch]
         first = torch.randint(0, count, (len(idx),), generator=gen)
         second = (first + torch.randint(1, count, (len(idx),), generator=gen)) % count  # never the same view
         if len(idx) < 2:
             continue  # a lone leftover image has no negatives
-        rows = torch.cat([views[idx, first], views[idx, second]]).to(run.device, non_blocking=True)
+        parts = [views[idx, first], views[idx, second]] + ([views[idx, 0]] if similarity else [])
+        rows = torch.cat(parts).to(run.device, non_blocking=True)
         h = run.forward(head, run.centred_rows(rows))
-        _step(run, epoch, stats, h, None, None)
+        plain = rows[2 * len(idx):, :run.similarity_width] if similarity else None
+        _step(run, epoch, stats, h, plain, None, counted=2 * len(idx))
         bar.update(len(idx))
     return 0
 
@@ -208,8 +212,10 @@ def _clip(run: TrainingState) -> None:
     torch.nn.utils.clip_grad_norm_(params, run.max_grad_norm)
 
 
-def _step(run: TrainingState, epoch: int, stats: EpochStats, h_raw, features, y, loss_weight: float = 1.0) -> None:
-    """Loss, backward and optimizer step on one batch's H; its statistics unless loss_weight is 0."""
+def _step(run: TrainingState, epoch: int, stats: EpochStats, h_raw, features, y, loss_weight: float = 1.0,
+          counted: int | None = None) -> None:
+    """Loss, backward and optimizer step on one batch's H; the statistics of its first `counted` rows (all by
+    default) unless loss_weight is 0."""
     h = h_raw.float()
     b = greedy_sign(h)
     terms = run.objective(h, b, features=features, classifier=run.model.classifier, labels=y)
@@ -232,4 +238,4 @@ def _step(run: TrainingState, epoch: int, stats: EpochStats, h_raw, features, y,
             _clip(run)
         run.optimizer.step()
     if loss_weight:
-        stats.add(terms, h)
+        stats.add(terms, h if counted is None else h[:counted])

@@ -57,6 +57,7 @@ class TrainingState:
     runtime: str = "auto"  # where a frozen backbone extracts features (`ghindex.runtime`); then the one chosen
     unsupervised_objective: str | None = None  # unsupervised: "similarity" (cosine preservation) or "views"
     views: int = 8  # views objective: edited views per training image (plus the un-edited one)
+    similarity_weight: float = 0.0  # views objective: weight of the un-edited images' similarity term
     detail_layer: str | None = "auto"  # backbone layer for detail features ("auto": per objective and backbone)
     max_grad_norm: float | None = None  # a step's gradients are scaled down to this norm (None: never)
 
@@ -86,6 +87,7 @@ class TrainingState:
     feature_mean: torch.Tensor | None = _unset()  # unsupervised, centred: the head reads `centred_rows(f)`
     feature_scale: float | None = _unset()  # ... and `save` folds mean and this scale into its first layer
     target_shift: float = _unset()  # unsupervised: the feature cosine that the target maps to 0
+    similarity_width: int | None = _unset()  # the feature columns a similarity target reads (None: all)
     dataset: ImageDataset | None = _unset()  # not frozen: the training images
     # held-out slice (prepare_data, prepare_inputs)
     val_source: DataSource | None = _unset()  # held-out training items (None: no held-out evaluation)
