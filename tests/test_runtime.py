@@ -115,6 +115,29 @@ def test_onnx_codes_equal_torch_codes_on_real_images(cache, backbone, image_size
 
 
 @needs_onnx
+def test_a_batch_runs_in_slices_with_the_features_of_one_whole_run(cache):
+    """`OnnxBackbone` runs ROWS_PER_RUN rows per session run (faster: caches); the features are those of the
+    whole batch in one run, bit for bit, whatever the remainder."""
+    enc = model("mobilenet_v2", 64, 64)
+    assert rt.use_runtime(enc, "onnx") == "onnx"
+    runner, calls = enc._backbone_runner, []
+    session = runner.session
+
+    class Counting:
+        def run(self, names, feeds):
+            calls.append(len(feeds[rt.INPUT_NAME]))
+            return session.run(names, feeds)
+
+    x = torch.randn(2 * rt.ROWS_PER_RUN + 1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    whole = session.run(None, {rt.INPUT_NAME: x.numpy()})[0]
+    runner.session = Counting()
+    with torch.inference_mode():
+        sliced = runner(x).numpy()
+    assert calls == [rt.ROWS_PER_RUN, rt.ROWS_PER_RUN, 1]
+    np.testing.assert_array_equal(sliced, whole)
+
+
+@needs_onnx
 def test_encode_command_codes_and_summary(cache, tmp_path, runner):
     """`ghindex encode --runtime onnx` writes the codes `--runtime torch` writes, and says which ran."""
     from ghindex.store import CodeStore
