@@ -13,7 +13,7 @@ this table and checks every import). An import inside a function only defers a h
   3 models      backbones, encoder, data, losses, batching, augment
   2 storage     store, store_format, store_write, index, index.*
   1 kernels     flatscan, flatscan_kernels, metric_kernels, metrics, dedup_kernels, dedup_join, pixel_kernels
-  0 base        errors, version, io, popcount, hashing, ids, device, distributed, images, journal
+  0 base        errors, version, io, popcount, hashing, ids, device, distributed, images, journal, allocator
 
 `lifecycle` (add, remove) encodes new images, so it sits above `encode`, not inside `index`.
 """

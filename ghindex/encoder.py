@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .allocator import keep_freed_memory
 from .backbones import build_backbone
 from .errors import ConfigError, ModelFileError
 from .hashing import check_bits, greedy_sign, pack_signs
@@ -110,6 +111,7 @@ class Encoder(nn.Module):
         detail_layer: str | None = None,
     ):
         super().__init__()
+        keep_freed_memory()  # a CNN's per-layer tensors otherwise cost a page fault per 4 KiB (ghindex.allocator)
         check_bits(bits)
         if image_size <= 0:
             raise ConfigError(f"image_size must be positive, got {image_size}")
