@@ -6,9 +6,9 @@ above its mmap threshold (at most 32 MB) with a fresh `mmap` and returns them wi
 so every layer of every batch touches new pages and takes a page fault per 4 KiB. On the 2-core VM this
 project is measured on, that was most of PyTorch's time: the bare MobileNetV2 forward at 224 px ran at
 25-27 images/s with 14 s of kernel time per 320 images (6.6 million faults); with the thresholds below,
-95-113 images/s, bit-identical features, 0.1-0.3 s of kernel time; `ghindex encode --runtime torch` went
-from 48 to 110 images/s (benchmarks/RESULTS.md, "Encode"). ONNX Runtime reuses its own arena and gained
-nothing, which is why its lead over PyTorch shrank.
+95-113 images/s, bit-identical features, 0.0-0.3 s of kernel time; `ghindex encode --runtime torch` went
+from 44-60 to 88-130 images/s (benchmarks/RESULTS.md, "Encode"). ONNX Runtime reuses its own arena and
+gained nothing, which is why its lead over PyTorch shrank.
 
 `keep_freed_memory()` raises the mmap threshold to 1 GiB (larger blocks still get their own mapping) and
 the trim threshold to 2 GiB, so freed blocks stay in malloc's heap for the next batch. The price: the

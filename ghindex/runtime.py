@@ -12,8 +12,10 @@
 
 Why ONNX Runtime: side by side in one process on the 2-core machine (MobileNetV2, 224 px, batch 64, fp32,
 2 threads; the machine was loaded, so ratios only) it ran 4.6-5.8x PyTorch eager, OpenVINO 4.4-5.0x,
-torch.compile 1.5x after a 70 s compile, channels-last eager 1.0-1.1x. benchmarks/bench_encode.py
-measures the bare forward and the whole `ghindex encode` per runtime.
+torch.compile 1.5x after a 70 s compile, channels-last eager 1.0-1.1x. Much of that lead was page faults
+of PyTorch's per-layer tensors, which `ghindex.allocator` removed: since then ONNX Runtime runs 1.2-2.0x
+PyTorch's bare forward at 224 px and the whole command 1.2-1.6x. benchmarks/bench_encode.py measures the
+bare forward and the whole `ghindex encode` per runtime.
 
 The cache. The export depends only on the backbone's architecture and weights, so it is written once to
 ``$GHINDEX_CACHE/onnx`` (default ``~/.cache/ghindex/onnx``; ``$XDG_CACHE_HOME`` is honoured) under a

@@ -538,8 +538,8 @@ def train(
         un-edited image and `views` edits from `ghindex.augment`, their features extracted once; a linear
         hash layer started from view-LDA directions, Adam; its own preset entry). Measured at 64 bits on
         CIFAR-10 at 128 px (benchmarks/RESULTS.md, "Copies"; with its detail features): views finds far more
-        edited copies (recall@1 of image queries 0.990 vs 0.595, code against code 0.939 vs 0.473) but ranks
-        semantic neighbours worse (mAP@1000 0.434 vs 0.516), hence not the default.
+        edited copies (recall@1 of image queries 0.988 vs 0.595, code against code 0.915 vs 0.473) but ranks
+        semantic neighbours worse (mAP@1000 0.470 vs 0.516), hence not the default.
     similarity_weight: the views objective's second term: the codes of the un-edited training images keep their
         pooled features' cosines (`cosine_preservation_loss`, as ``similarity``) with this weight next to NT-Xent
         (0: NT-Xent alone; default: the preset's, 30, chosen on a validation split: more semantic neighbours
