@@ -110,11 +110,11 @@ class WithDetail(nn.Module):
     codes learned from the two found 0.87 of the copies instead of 0.96).
     """
 
-    def __init__(self, body: nn.Module, layer: str):
+    def __init__(self, body: nn.Module, layer: str, pooled_width: int | None = None):
         super().__init__()
         self.body = body
         self.layer = layer
-        self.pooled_width: int | None = None  # columns of the pooled block (set by `_with_detail`)
+        self.pooled_width = pooled_width  # columns of the pooled block (the body's feature width)
         body.get_submodule(layer)  # AttributeError now, not at the first forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,10 +142,11 @@ def resolve_detail_layer(backbone: str, detail_layer: str | None) -> str | None:
     return str(detail_layer)
 
 
-def _with_detail(extractor: nn.Module, name: str, layer: str) -> tuple[nn.Module, int]:
-    """(`WithDetail` of the extractor, its feature width); ConfigError for a layer it cannot use."""
+def _with_detail(extractor: nn.Module, name: str, layer: str, pooled_width: int) -> tuple[nn.Module, int]:
+    """(`WithDetail` of the extractor, whose own features are `pooled_width` wide, and its feature width);
+    ConfigError for a layer it cannot use."""
     try:
-        wrapped = WithDetail(extractor, layer)
+        wrapped = WithDetail(extractor, layer, pooled_width)
     except AttributeError:
         layers = [n for n, m in extractor.named_modules() if n and not list(m.children())][:8]
         raise ConfigError(f"{name} has no layer {layer!r} for detail features (layers are named like "
@@ -155,7 +156,6 @@ def _with_detail(extractor: nn.Module, name: str, layer: str) -> tuple[nn.Module
         wrapped.eval()
         with torch.no_grad():
             width = int(wrapped(torch.zeros(1, 3, 64, 64)).shape[1])
-            wrapped.pooled_width = int(extractor(torch.zeros(1, 3, 64, 64)).shape[1])  # the first block's
     except (RuntimeError, ValueError) as exc:  # e.g. a layer whose output is not an (N, C, H, W) map
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"layer {layer!r} of {name} cannot be pooled to a grid for detail features "
@@ -437,7 +437,7 @@ def build_backbone(name: str, weights: str = "none", feature_dim: int | None = N
     elif weights not in (None, "none"):
         _load_local(model, name, spec, os.fspath(weights))
     if detail_layer is not None:
-        extractor, full = _with_detail(spec.cut(model), name, detail_layer)
+        extractor, full = _with_detail(spec.cut(model), name, detail_layer, dim)
         if feature_dim is not None and feature_dim != full:
             raise ConfigError(f"{name} with detail layer {detail_layer!r} produces {full}-d features, not {feature_dim}")
         return extractor, full
