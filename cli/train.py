@@ -32,8 +32,14 @@ from ghindex.data import PROTOCOLS
               help="--objective views: edited views per training image, their features extracted once (8 found more "
                    "copies than 4 on a validation split, for twice the extraction time).")
 @click.option("--similarity-weight", type=float, default=None,
-              help="--objective views: weight of its second term, the un-edited images' codes keeping their pooled "
-                   "features' cosines, next to NT-Xent (0: NT-Xent alone). [default: 30]")
+              help="--objective views: weight of the un-edited images' codes keeping their pooled features' cosines "
+                   "(0: none). [default: 1]")
+@click.option("--consistency-weight", type=float, default=None,
+              help="--objective views: weight of the codes of two edited views of an image agreeing "
+                   "(1 - their cosine). [default: 0.7]")
+@click.option("--contrast-weight", type=float, default=None,
+              help="--objective views: weight of NT-Xent between two views' codes (an image's agree, different "
+                   "images' differ). [default: 0.1]")
 @click.option("--detail-layer", default="auto", show_default=True, metavar="auto|none|LAYER",
               help="A backbone layer whose output, pooled to a 2x2 grid, joins the features (recorded in the model): "
                    "auto adds the backbone's own for --objective views (mobilenet_v2: 0.13, its features[13]) and "
@@ -64,8 +70,7 @@ from ghindex.data import PROTOCOLS
 @click.option("--init", type=click.Choice(["pca", "random", "lda"]), default=None,
               help="Unsupervised, with --hash-hidden 0: start the hash layer from rotated principal directions of "
                    "the centred features (pca), from the directions that tell images apart relative to how their edited "
-                   "views spread (lda, --objective views only) or PyTorch's random init. [default: random; lda for "
-                   "--objective views]")
+                   "views spread (lda, --objective views only) or PyTorch's random init. [default: random]")
 @click.option("--balance", type=float, default=None,
               help="Weight of the bit balance penalty mean over bits of (bit's mean over the batch)^2; 0: none. "
                    "[default: by --preset: 1 for --unsupervised, else 0; paper: 0]")

@@ -6,10 +6,12 @@
   the cosines t of (frozen) backbone features f, optionally shifted, and those of the codes b.
 - `quantization_penalty` (from `ghindex.hashing`): mean(|H - sgn(H)|^p), weighted by `alpha`.
 - `bit_balance_penalty`: mean over bits of (mean of a bit over the batch)^2, weighted by `balance`.
-- `nt_xent_loss`: SimCLR's contrastive loss between the codes of two edited views of each image
-  (the ``views`` objective: copies of one image agree, different images differ), plus, weighted by
-  `similarity`, `cosine_preservation_loss` on the un-edited images (their codes keep the features'
-  similarities too).
+- `view_consistency_loss`: mean over images of 1 - cos(b, b') between the codes of two edited views.
+- `nt_xent_loss`: SimCLR's contrastive loss between the codes of two edited views of each image.
+
+The ``views`` objective weighs three terms: `cosine_preservation_loss` on the un-edited images (their codes
+keep the features' similarities, as ``unsupervised``), `view_consistency_loss` (an image's edited copies
+agree) and `nt_xent_loss` (and differ from other images' codes).
 
 `Objective` combines one main term with the penalty; `objective(...)` returns a `LossTerms` so the
 training loop can log each part. Codes B come from `greedy_sign(H)`, so every gradient reaching B
@@ -17,6 +19,7 @@ goes straight through to H and the projection that produced it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -69,6 +72,16 @@ def bit_balance_penalty(codes: torch.Tensor) -> torch.Tensor:
     return codes.float().mean(0).pow(2).mean()
 
 
+def view_consistency_loss(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """mean over the B rows of 1 - cos(first_i, second_i) for the codes of two views (B, bits) of B images: 0
+    when each image's two codes agree, 2 when they are opposite. Alone it is met by giving every image the same
+    code; the other terms keep codes apart."""
+    if second.shape != first.shape or first.shape[0] < 1:
+        raise ConfigError(f"view consistency needs two views of the same items, got {tuple(first.shape)} and "
+                          f"{tuple(second.shape)}")
+    return (1 - F.cosine_similarity(first.float(), second.float(), dim=1)).mean()
+
+
 def nt_xent_loss(first: torch.Tensor, second: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     """SimCLR's NT-Xent over the 2B rows of two views (B, bits) each: row i of `first` has row i of `second`
     as its positive and the other 2B - 2 rows as negatives; similarity = cosine / temperature; mean
@@ -103,6 +116,8 @@ class Objective:
     balance: float = 0.0  # weight of `bit_balance_penalty`
     temperature: float = 0.1  # views only: NT-Xent's temperature
     similarity: float = 0.0  # views only: weight of `cosine_preservation_loss` on the un-edited images
+    consistency: float = 0.0  # views only: weight of `view_consistency_loss`
+    contrast: float = 1.0  # views only: weight of `nt_xent_loss`
 
     def __post_init__(self):
         if self.kind not in OBJECTIVES:
@@ -111,27 +126,33 @@ class Objective:
             raise ConfigError(f"alpha must be >= 0, got {self.alpha}")
         if not self.balance >= 0:
             raise ConfigError(f"balance must be >= 0, got {self.balance}")
-        if not self.similarity >= 0:
-            raise ConfigError(f"the similarity weight must be >= 0, got {self.similarity}")
+        for name, weight in (("similarity", self.similarity), ("consistency", self.consistency),
+                             ("contrast", self.contrast)):
+            if not (weight >= 0 and math.isfinite(weight)):
+                raise ConfigError(f"the {name} weight must be a number >= 0, got {weight}")
 
     def __call__(self, h: torch.Tensor, b: torch.Tensor, *, features: torch.Tensor | None = None,
                  classifier: torch.nn.Module | None = None, labels: torch.Tensor | None = None) -> LossTerms:
         """h: hash-layer outputs (N, bits); b: `greedy_sign(h)`; features: backbone outputs (unsupervised);
         classifier + labels: supervised objectives. views: h and b hold two views of B items, the first
         view's B rows, then the second's; with `similarity`, then the B un-edited items' rows, whose codes
-        keep the cosines of `features` (B, D)."""
+        keep the cosines of `features` (B, D) and alone count for the bit balance."""
+        balanced = b
         if self.kind == "views":
             pairs = b
             if self.similarity:
                 if features is None or 3 * len(features) != len(b):
                     raise ConfigError("the views objective's similarity term needs the features of the B un-edited "
                                       "items and 3B rows (two views, then the un-edited items)")
-                pairs, plain = b[:2 * len(features)], b[2 * len(features):]
+                pairs, balanced = b[:2 * len(features)], b[2 * len(features):]
             if len(pairs) % 2:
                 raise ConfigError("the views objective needs two views of each item (an even number of rows)")
-            main = nt_xent_loss(pairs[:len(pairs) // 2], pairs[len(pairs) // 2:], self.temperature)
+            first, second = pairs[:len(pairs) // 2], pairs[len(pairs) // 2:]
+            main = self.contrast * nt_xent_loss(first, second, self.temperature) if self.contrast else b.new_zeros(())
+            if self.consistency:
+                main = main + self.consistency * view_consistency_loss(first, second)
             if self.similarity:
-                main = main + self.similarity * cosine_preservation_loss(features, plain, self.shift)
+                main = main + self.similarity * cosine_preservation_loss(features, balanced, self.shift)
         elif self.kind == "unsupervised":
             if features is None:
                 raise ConfigError("the unsupervised objective needs the backbone features")
@@ -144,5 +165,5 @@ class Objective:
         penalty = quantization_penalty(h.float(), self.p)
         total = main + self.alpha * penalty
         if self.balance:
-            total = total + self.balance * bit_balance_penalty(b)
+            total = total + self.balance * bit_balance_penalty(balanced)
         return LossTerms(total, main, penalty)

@@ -101,7 +101,7 @@ from .train_settings import (
     PRESETS,
     _check_args,
     _check_objective,
-    _check_similarity_weight,
+    _check_view_weights,
     _objective_kind,
     _run_group,
     _setup_processes,
@@ -183,10 +183,7 @@ class _TrainingRun(TrainingState):
         if self.detail_layer is not None:  # (absent otherwise: older checkpoints still resume)
             self.signature["detail_layer"] = self.detail_layer
         if self.unsupervised_objective == "views":  # (absent otherwise: older checkpoints still resume)
-            self.signature.update(unsupervised_objective="views", views=int(self.views),
-                                  optimizer="adam")  # (momentum and weight_decay: SGD's, unused)
-            if self.similarity_weight:  # (absent at 0: older checkpoints still resume)
-                self.signature["similarity_weight"] = float(self.similarity_weight)
+            self.signature.update(unsupervised_objective="views", views=int(self.views), **self.view_weights)
         self.weights_info = {"weights": os.fspath(self.weights)}
         if self.weights not in ("none", "imagenet", None) and os.path.isfile(os.fspath(self.weights)):
             self.weights_info["weights_sha256"] = file_fingerprint(self.weights)
@@ -225,11 +222,7 @@ class _TrainingRun(TrainingState):
         backbone = [p for n, p in named if n.startswith("backbone.")]
         if backbone:  # pretrained layers move slower than the new hash layer and classifier
             groups.append({"params": backbone, "lr": self.lr * self.backbone_lr_scale})
-        if self.unsupervised_objective == "views":  # Adam: SGD at lr 0.3 did not train NT-Xent (issue 24's notes)
-            self.optimizer = torch.optim.Adam(groups, lr=self.lr)
-        else:
-            self.optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum,
-                                             weight_decay=self.weight_decay)
+        self.optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         # lr_step 0 = constant learning rate; a huge step keeps StepLR's (primitive-only) state format.
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=self.lr_step or 10**9, gamma=0.1)
         self.use_amp = use_amp = self.device.type == "cuda"
@@ -293,7 +286,7 @@ class _TrainingRun(TrainingState):
                 # features' cosines wherever both ran (+0.000 to +0.022; RESULTS.md, "Training:
                 # unsupervised").
                 self.feature_mean, centred_square, self.target_shift = _feature_stats(cached)
-                if self.unsupervised_objective == "views" and self.similarity_weight:
+                if self.unsupervised_objective == "views" and self.view_weights["similarity_weight"]:
                     # the similarity target of the views objective: the pooled block alone (with detail
                     # features, the grid block would ask codes to keep layouts' similarities, not contents')
                     self.similarity_width = getattr(model.backbone, "pooled_width", None)
@@ -336,9 +329,11 @@ class _TrainingRun(TrainingState):
                 val, kept = _extract_features_sharded(model, self.val_source, device, max(self.batch_size, 64),
                                                       self.workers, self.autocast, False)
                 self.val_cached, self.val_labels = val.to(self.cached.device), self.val_labels[kept]
-        views = self.unsupervised_objective == "views"
-        self.objective = Objective("views" if views else self.kind, alpha=self.alpha, shift=self.target_shift,
-                                   balance=self.balance, similarity=float(self.similarity_weight) if views else 0.0)
+        weights = self.view_weights
+        self.objective = Objective("views" if weights else self.kind, alpha=self.alpha, shift=self.target_shift,
+                                   balance=self.balance, similarity=weights.get("similarity_weight", 0.0),
+                                   consistency=weights.get("consistency_weight", 0.0),
+                                   contrast=weights.get("contrast_weight", 0.0))
         model.set_backbone_runner(None)  # the runtime served the feature cache; the returned model runs PyTorch
 
     def centred_rows(self, features: torch.Tensor) -> torch.Tensor:
@@ -493,6 +488,8 @@ def train(
     objective: str | None = None,
     views: int = 8,
     similarity_weight: float | None = None,
+    consistency_weight: float | None = None,
+    contrast_weight: float | None = None,
     detail_layer: str | None = "auto",
     workers: int | None = None,
     resume: bool = False,
@@ -534,16 +531,14 @@ def train(
         the rest is logged every `val_every` epochs and after the last (0: none; slices under 10
         items are not made). keep_best: keep the model of the best held-out mAP, not the last.
     objective: unsupervised only: ``similarity`` (the default: the codes keep the frozen features' cosines)
-        or ``views`` (images only: NT-Xent between the codes of two of each image's 1 + `views` views, the
-        un-edited image and `views` edits from `ghindex.augment`, their features extracted once; a linear
-        hash layer started from view-LDA directions, Adam; its own preset entry). Measured at 64 bits on
-        CIFAR-10 at 128 px (benchmarks/RESULTS.md, "Copies"; with its detail features): views finds far more
-        edited copies (recall@1 of image queries 0.988 vs 0.595, code against code 0.915 vs 0.473) but ranks
-        semantic neighbours worse (mAP@1000 0.470 vs 0.516), hence not the default.
-    similarity_weight: the views objective's second term: the codes of the un-edited training images keep their
-        pooled features' cosines (`cosine_preservation_loss`, as ``similarity``) with this weight next to NT-Xent
-        (0: NT-Xent alone; default: the preset's, 30, chosen on a validation split: more semantic neighbours
-        at the same copy recall, RESULTS.md "Copies").
+        or ``views`` (images only: each image's un-edited view and `views` edits from `ghindex.augment`, their
+        features extracted once; the codes of the un-edited images keep their pooled features' cosines, as
+        ``similarity``, and the codes of two edited views of an image agree and differ from other images';
+        its own preset entry). Measured at 64 bits on CIFAR-10 at 128 px (benchmarks/RESULTS.md, "Copies").
+    similarity_weight, consistency_weight, contrast_weight: the views objective's terms and their weights
+        (default: the preset's, 1, 0.7 and 0.1, chosen on a validation split): `cosine_preservation_loss` on
+        the un-edited images, `view_consistency_loss` (1 - cosine between two views' codes) and `nt_xent_loss`
+        (temperature 0.1) between the codes of two views of each image; consistency or contrast must be > 0.
     detail_layer: a backbone layer whose output, average-pooled to a 2 x 2 grid, joins the pooled features
         (`ghindex.backbones.WithDetail`; the model file records it): ``auto`` (the default) adds the
         backbone's `DETAIL_LAYERS` entry for the views objective and nothing otherwise; ``none``; or a layer
@@ -581,7 +576,8 @@ def train(
     _check_args(bits, epochs, lr, lr_step, momentum, weight_decay, batch_size, alpha, image_size, workers,
                 backbone_lr_scale, val_fraction, val_every, preset, balance)
     objective = _check_objective(objective, views, unsupervised, init, hash_hidden, center)
-    similarity_weight = _check_similarity_weight(similarity_weight, objective, chosen)
+    view_weights = _check_view_weights(dict(similarity_weight=similarity_weight, consistency_weight=consistency_weight,
+                                            contrast_weight=contrast_weight), objective, chosen)
     _check_outputs(out, resume, overwrite)
     kind = _objective_kind(unsupervised, multi_label, freeze_backbone, batch_size)
     torch_device, world, progress = _setup_processes(device, kind, batch_size, progress)
@@ -596,7 +592,7 @@ def train(
         backbone_lr_scale=backbone_lr_scale, val_fraction=float(val_fraction), val_every=int(val_every),
         keep_best=bool(keep_best), preset=preset, init=init, hash_hidden=int(hash_hidden),
         balance=float(balance), runtime=runtime, unsupervised_objective=objective, views=int(views),
-        similarity_weight=similarity_weight,
+        view_weights=view_weights,
         detail_layer=detail_layer, max_grad_norm=chosen.get("max_grad_norm"),
     )
     run.prepare_data(data, root)

@@ -57,7 +57,7 @@ class TrainingState:
     runtime: str = "auto"  # where a frozen backbone extracts features (`ghindex.runtime`); then the one chosen
     unsupervised_objective: str | None = None  # unsupervised: "similarity" (cosine preservation) or "views"
     views: int = 8  # views objective: edited views per training image (plus the un-edited one)
-    similarity_weight: float = 0.0  # views objective: weight of the un-edited images' similarity term
+    view_weights: dict[str, float] = field(default_factory=dict)  # views objective: its terms' weights ({} otherwise)
     detail_layer: str | None = "auto"  # backbone layer for detail features ("auto": per objective and backbone)
     max_grad_norm: float | None = None  # a step's gradients are scaled down to this norm (None: never)
 

@@ -22,7 +22,7 @@ from ghindex.data import DataSource, load_data
 from ghindex.errors import ConfigError
 from ghindex.hashing import greedy_sign
 from ghindex.info import info
-from ghindex.losses import Objective, cosine_preservation_loss, nt_xent_loss
+from ghindex.losses import Objective, bit_balance_penalty, cosine_preservation_loss, nt_xent_loss, view_consistency_loss
 from ghindex.train_views import copy_recall, extract_views, lda_init
 from ghindex_cli.main import cli
 
@@ -70,7 +70,15 @@ def test_views_objective_gradient_reaches_the_hash_layer_through_greedy_sign():
         Objective("views")(h[:5].detach(), b[:5].detach())
 
 
-def test_views_similarity_term_adds_the_plain_rows_cosine_target():
+def test_view_consistency_matches_its_definition():
+    a = torch.tensor([[1.0, 1, 1, 1], [1, -1, 1, -1]])
+    b = torch.tensor([[1.0, 1, 1, -1], [-1, 1, -1, 1]])  # cosines 0.5 and -1
+    assert torch.allclose(view_consistency_loss(a, b), torch.tensor((0.5 + 2.0) / 2))
+    with pytest.raises(ConfigError, match="two views"):
+        view_consistency_loss(a, b[:1])
+
+
+def test_views_objective_weighs_its_three_terms_and_balances_the_plain_rows():
     torch.manual_seed(1)
     layer = torch.nn.Linear(10, 16, bias=False)
     rows = torch.randn(3 * 6, 10)  # two views of 6 images, then the 6 un-edited images
@@ -78,21 +86,27 @@ def test_views_similarity_term_adds_the_plain_rows_cosine_target():
     h = layer(rows)
     h.retain_grad()
     b = greedy_sign(h)
-    objective = Objective("views", alpha=0.0, balance=0.0, similarity=2.5, shift=0.2)
+    objective = Objective("views", alpha=0.0, balance=0.0, similarity=2.5, consistency=0.7, contrast=0.1, shift=0.2)
     terms = objective(h, b, features=features)
-    expected = nt_xent_loss(b[:6], b[6:12]) + 2.5 * cosine_preservation_loss(features, b[12:], 0.2)
+    expected = (0.1 * nt_xent_loss(b[:6], b[6:12]) + 0.7 * view_consistency_loss(b[:6], b[6:12])
+                + 2.5 * cosine_preservation_loss(features, b[12:], 0.2))
     assert torch.allclose(terms.main, expected)
     terms.total.backward()
     assert h.grad[12:].abs().sum() > 0  # the plain rows get the similarity term's gradient, straight through
     assert torch.equal(Objective("views", alpha=0.0)(h[:12], b[:12]).main, nt_xent_loss(b[:6], b[6:12]))
+    # the bit balance reads the un-edited images' codes only: views of one image would count it twice
+    balanced = Objective("views", alpha=0.0, balance=3.0, similarity=2.5, consistency=0.7, contrast=0.1, shift=0.2)
+    extra = balanced(h.detach(), b.detach(), features=features).total - terms.total.detach()
+    assert torch.allclose(extra, 3.0 * bit_balance_penalty(b[12:].detach()))
     for bad in (None, features[:5]):  # no features, or not a third of the rows
         with pytest.raises(ConfigError, match="similarity term"):
             objective(h.detach(), b.detach(), features=bad)
-    with pytest.raises(ConfigError, match="similarity weight"):
-        Objective("views", similarity=-1.0)
+    for name in ("similarity", "consistency", "contrast"):
+        with pytest.raises(ConfigError, match=f"{name} weight"):
+            Objective("views", **{name: -1.0})
 
 
-def test_views_similarity_weight_trains_differently_and_reads_the_pooled_block(tmp_path, monkeypatch):
+def test_views_weights_default_to_the_preset_train_differently_and_read_the_pooled_block(tmp_path, monkeypatch):
     losses = sys.modules["ghindex.losses"]
     widths = []
     real = losses.cosine_preservation_loss
@@ -103,11 +117,15 @@ def test_views_similarity_weight_trains_differently_and_reads_the_pooled_block(t
                   detail_layer="features.6", seed=3, **SMALL)
     default = ghindex.train(folder, **common)
     assert widths and set(widths) == {256}  # smallcnn's pooled block, not the 256 + 256 with the grid
-    assert default.config.extra["training"]["similarity_weight"] == 30.0  # the preset's
+    training = default.config.extra["training"]
+    assert {k: training[k] for k in ("similarity_weight", "consistency_weight", "contrast_weight")} == \
+        {"similarity_weight": 1.0, "consistency_weight": 0.7, "contrast_weight": 0.1}  # the preset's
     widths.clear()
     alone = ghindex.train(folder, similarity_weight=0, **common)
-    assert not widths and "similarity_weight" not in alone.config.extra["training"]
+    assert not widths and alone.config.extra["training"]["similarity_weight"] == 0.0
     assert not torch.equal(default.hash_layer.weight, alone.hash_layer.weight)
+    contrast = ghindex.train(folder, consistency_weight=0, **common)
+    assert not torch.equal(default.hash_layer.weight, contrast.hash_layer.weight)
 
 
 def test_lda_init_finds_the_direction_that_tells_images_apart():
@@ -143,6 +161,19 @@ def test_edited_views_are_reproducible_from_the_seed():
     assert inscribed_size(128, 128, 0) == (128, 128) and inscribed_size(128, 128, 8)[0] < 128
 
 
+def test_views_run_starts_from_view_lda_when_asked(tmp_path, monkeypatch):
+    train_module = sys.modules["ghindex.train"]
+    calls = []
+    monkeypatch.setattr(train_module, "lda_init", lambda rows, bits: calls.append(tuple(rows.shape)) or lda_init(rows, bits))
+    folder = demo_folder(tmp_path / "imgs", per_class=20)
+    common = dict(unsupervised=True, objective="views", views=2, epochs=1, hash_hidden=0, val_fraction=0.0, **SMALL)
+    lda = ghindex.train(folder, init="lda", **common)
+    assert calls == [(20, 3, 256)]  # every image's un-edited view and 2 edits, smallcnn's 256 features
+    assert lda.config.extra["training"]["init"] == "lda"
+    with pytest.raises(ConfigError, match="hash_hidden=0"):
+        ghindex.train(folder, init="lda", **{**common, "hash_hidden": 64})
+
+
 def test_views_cache_shape_and_determinism(tmp_path):
     source = load_data(demo_folder(tmp_path / "imgs", per_class=5))
     model = Encoder("smallcnn", 16, weights="none", image_size=32)
@@ -176,7 +207,8 @@ def test_copy_radius_recorded_saved_reloaded_and_shown(tmp_path, runner):
     # at most 1e-5 of different-image pairs within it, unless even identical codes exceed that (radius 0)
     assert measured["false_match_rate"] <= 1e-5 or radius == 0
     assert 0 <= measured["copy_recall"] <= 1
-    assert training["unsupervised_objective"] == "views" and training["views"] == 2 and training["init"] == "lda"
+    assert training["unsupervised_objective"] == "views" and training["views"] == 2 and training["init"] == "random"
+    assert training["hash_hidden"] == 1024  # the preset's: the similarity objective's recipe
     assert Encoder.load(out).config.copy_radius == radius
     described = info(out)
     assert described["copy_radius"] == radius and described["objective"] == "unsupervised (views)"
@@ -262,15 +294,21 @@ def test_bad_options_are_clear_errors(tmp_path, runner):
         ghindex.train(source, bits=8, objective="views", progress=False)
     with pytest.raises(ConfigError, match="lda"):
         ghindex.train(source, bits=8, unsupervised=True, init="lda", progress=False)
-    for weight in (-1, float("nan"), "3", True):
-        with pytest.raises(ConfigError, match="similarity_weight must be"):
-            ghindex.train(source, bits=8, unsupervised=True, objective="views", similarity_weight=weight, progress=False)
-    with pytest.raises(ConfigError, match="needs objective 'views'"):
-        ghindex.train(source, bits=8, unsupervised=True, similarity_weight=1.0, progress=False)
+    for name in ("similarity_weight", "consistency_weight", "contrast_weight"):
+        for weight in (-1, float("nan"), "3", True):
+            with pytest.raises(ConfigError, match=f"{name} must be"):
+                ghindex.train(source, bits=8, unsupervised=True, objective="views", progress=False, **{name: weight})
+        with pytest.raises(ConfigError, match="needs objective 'views'"):
+            ghindex.train(source, bits=8, unsupervised=True, progress=False, **{name: 1.0})
+    with pytest.raises(ConfigError, match="consistency_weight or contrast_weight"):
+        ghindex.train(source, bits=8, unsupervised=True, objective="views", consistency_weight=0, contrast_weight=0,
+                      progress=False)
     array = tmp_path / "f.npz"
     np.savez(array, features=feats)
     for args in (["--objective", "views"], ["--objective", "views", "--views", "0"],
-                 ["--objective", "views", "--similarity-weight", "-1"], ["--similarity-weight", "2"]):
+                 ["--objective", "views", "--similarity-weight", "-1"], ["--similarity-weight", "2"],
+                 ["--objective", "views", "--consistency-weight", "nan"], ["--contrast-weight", "1"],
+                 ["--objective", "views", "--consistency-weight", "0", "--contrast-weight", "0"]):
         result = runner.invoke(cli, ["train", str(array), "--unsupervised", "--bits", "8", "--out",
                                      str(tmp_path / "m.ghm"), "--no-progress", *args])
         assert result.exit_code != 0
