@@ -25,15 +25,16 @@ from ghindex.data import PROTOCOLS
               help="Unsupervised training on frozen backbone features (--objective); labels unused. On images it "
                    "records the model's copy radius (see `ghindex info`).")
 @click.option("--objective", type=click.Choice(["similarity", "views"]), default=None,
-              help="Unsupervised objective: similarity (codes keep the backbone features' cosines; the better "
-                   "semantic neighbours) or views (codes of edited copies of an image agree and those of different "
-                   "images differ: finds copies, loses semantic mAP; images only). [default: similarity]")
+              help="Unsupervised objective: views (images only: codes keep the un-edited images' feature cosines, "
+                   "and the codes of an image's edited copies agree and differ from other images'; finds copies and "
+                   "semantic neighbours) or similarity (the feature cosines alone). [default: views for images; "
+                   "similarity for feature arrays, under torchrun and with --preset paper]")
 @click.option("--views", type=int, default=8, show_default=True,
               help="--objective views: edited views per training image, their features extracted once (8 found more "
                    "copies than 4 on a validation split, for twice the extraction time).")
 @click.option("--similarity-weight", type=float, default=None,
               help="--objective views: weight of the un-edited images' codes keeping their pooled features' cosines "
-                   "(0: none). [default: 1]")
+                   "(0: none). [default: 3]")
 @click.option("--consistency-weight", type=float, default=None,
               help="--objective views: weight of the codes of two edited views of an image agreeing "
                    "(1 - their cosine). [default: 0.7]")

@@ -102,6 +102,7 @@ from .train_settings import (
     _check_args,
     _check_objective,
     _check_view_weights,
+    _default_objective,
     _objective_kind,
     _run_group,
     _setup_processes,
@@ -536,7 +537,7 @@ def train(
         ``similarity``, and the codes of two edited views of an image agree and differ from other images';
         its own preset entry). Measured at 64 bits on CIFAR-10 at 128 px (benchmarks/RESULTS.md, "Copies").
     similarity_weight, consistency_weight, contrast_weight: the views objective's terms and their weights
-        (default: the preset's, 1, 0.7 and 0.1, chosen on a validation split): `cosine_preservation_loss` on
+        (default: the preset's, 3, 0.7 and 0.1, chosen on a validation split): `cosine_preservation_loss` on
         the un-edited images, `view_consistency_loss` (1 - cosine between two views' codes) and `nt_xent_loss`
         (temperature 0.1) between the codes of two views of each image; consistency or contrast must be > 0.
     detail_layer: a backbone layer whose output, average-pooled to a 2 x 2 grid, joins the pooled features
@@ -559,6 +560,8 @@ def train(
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     kind = "unsupervised" if unsupervised else ("multi-label" if multi_label else "supervised")
+    if unsupervised and objective is None:
+        objective = _default_objective(preset, data, backbone)
     group = "views" if unsupervised and objective == "views" else _run_group(kind, freeze_backbone, backbone, data)
     chosen = PRESETS[preset][group]
     pick = lambda value, key: chosen[key] if value is None else value  # noqa: E731

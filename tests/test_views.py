@@ -119,7 +119,7 @@ def test_views_weights_default_to_the_preset_train_differently_and_read_the_pool
     assert widths and set(widths) == {256}  # smallcnn's pooled block, not the 256 + 256 with the grid
     training = default.config.extra["training"]
     assert {k: training[k] for k in ("similarity_weight", "consistency_weight", "contrast_weight")} == \
-        {"similarity_weight": 1.0, "consistency_weight": 0.7, "contrast_weight": 0.1}  # the preset's
+        {"similarity_weight": 3.0, "consistency_weight": 0.7, "contrast_weight": 0.1}  # the preset's
     widths.clear()
     alone = ghindex.train(folder, similarity_weight=0, **common)
     assert not widths and alone.config.extra["training"]["similarity_weight"] == 0.0
@@ -174,6 +174,28 @@ def test_views_run_starts_from_view_lda_when_asked(tmp_path, monkeypatch):
         ghindex.train(folder, init="lda", **{**common, "hash_hidden": 64})
 
 
+def test_views_is_the_unsupervised_default_for_images_only(tmp_path, monkeypatch):
+    from ghindex import distributed
+    from ghindex.train_settings import _default_objective
+
+    folder = demo_folder(tmp_path / "imgs", per_class=12)
+    feats = DataSource("features", "synthetic", features=np.zeros((4, 8), np.float32))
+    assert _default_objective("default", folder, None) == "views"
+    assert _default_objective("default", load_data(folder), "mobilenet_v2") == "views"
+    assert _default_objective("paper", folder, None) == "similarity"  # the paper's objective
+    assert _default_objective("default", feats, None) == "similarity"  # nothing to edit
+    assert _default_objective("default", str(tmp_path / "f.npz"), None) == "similarity"
+    assert _default_objective("default", folder, "identity") == "similarity"
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)  # torchrun: views runs in one process
+    assert _default_objective("default", folder, None) == "similarity"
+    monkeypatch.undo()
+    model = ghindex.train(folder, unsupervised=True, views=2, epochs=1, val_fraction=0.0, out=tmp_path / "m.ghm",
+                          **SMALL)
+    training = model.config.extra["training"]
+    assert training["unsupervised_objective"] == "views" and training["contrast_weight"] == 0.1
+    assert info(tmp_path / "m.ghm")["objective"] == "unsupervised (views)"
+
+
 def test_views_cache_shape_and_determinism(tmp_path):
     source = load_data(demo_folder(tmp_path / "imgs", per_class=5))
     model = Encoder("smallcnn", 16, weights="none", image_size=32)
@@ -221,7 +243,7 @@ def test_copy_radius_recorded_saved_reloaded_and_shown(tmp_path, runner):
 
 def test_copy_radius_without_held_out_slice_reads_as_the_saved_model_encodes(tmp_path):
     folder = demo_folder(tmp_path / "imgs", per_class=30)
-    model = ghindex.train(folder, unsupervised=True, epochs=1, val_fraction=0.0, **SMALL)
+    model = ghindex.train(folder, unsupervised=True, objective="similarity", epochs=1, val_fraction=0.0, **SMALL)
     training = model.config.extra["training"]
     assert training["unsupervised_objective"] == "similarity"
     assert training["copy_radius"]["from"] == "training images" and training["copy_radius"]["views"] == 4 * 30
@@ -391,5 +413,5 @@ def test_views_training_with_a_detail_layer(tmp_path):
     with torch.inference_mode():  # the saved model's codes come from its own features, detail included
         h = model.head(model.features(torch.stack([model.preprocess(p) for p in paths])))
     np.testing.assert_array_equal(model.encode(paths), ghindex.pack_signs(h))
-    similarity = ghindex.train(folder, unsupervised=True, epochs=1, val_fraction=0.0, **SMALL)
+    similarity = ghindex.train(folder, unsupervised=True, objective="similarity", epochs=1, val_fraction=0.0, **SMALL)
     assert similarity.config.detail_layer is None  # auto: only the views objective gets detail features
