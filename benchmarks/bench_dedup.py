@@ -25,7 +25,7 @@ Parts (default: all but `real`):
   may compile the kernels); checks that every planted group is one group and nothing else is grouped.
 - `real`: `--real-store STORE` (encoded with a model that records its copy radius) and `--real-truth
   FILE` (the planted copies: one group of ids per line, an original and its copies, separated by
-  spaces or commas): `dedup(radius='auto')`, then precision and recall over pairs of items put in
+  spaces or commas): `dedup(radius=r)` for each of `--real-radii` (default: auto), then precision and recall over pairs of items put in
   one group (found: every two members of a found group; planted: every two members of a truth group).
 
 Prints one line per cell and appends JSON records to --json. The default run takes one to two hours on
@@ -252,7 +252,7 @@ def e2e_part(n: int, radius: int, workdir: str, repeats: int = 2):
         yield record
 
 
-def real_part(store: str, truth_file: str, threads: int):
+def real_part(store: str, truth_file: str, threads: int, radii=("auto",)):
     from ghindex.dedup import dedup
 
     truth = []
@@ -261,17 +261,19 @@ def real_part(store: str, truth_file: str, threads: int):
             ids = [int(t) for t in line.split("#")[0].replace(",", " ").split()]
             if len(ids) > 1:
                 truth.append(ids)
-    t = time.perf_counter()
-    result = dedup(store, radius="auto", threads=threads)
-    seconds = time.perf_counter() - t
     planted_pairs = {(min(a, b), max(a, b)) for g in truth for a, b in itertools.combinations(g, 2)}
-    found_pairs = set()
-    for record in result.records(with_paths=False):
-        found_pairs.update((min(a, b), max(a, b)) for a, b in itertools.combinations(record["ids"], 2))
-    hit = len(planted_pairs & found_pairs)
-    yield {"part": "real", "store": store, "radius": result.radius, "seconds": round(seconds, 2),
-           "groups": result.summary["groups"], "planted_pairs": len(planted_pairs), "found_pairs": len(found_pairs),
-           "recall": round(hit / max(1, len(planted_pairs)), 4), "precision": round(hit / max(1, len(found_pairs)), 4)}
+    for radius in radii:
+        t = time.perf_counter()
+        result = dedup(store, radius=radius if radius == "auto" else int(radius), threads=threads)
+        seconds = time.perf_counter() - t
+        found_pairs = set()
+        for record in result.records(with_paths=False):
+            found_pairs.update((min(a, b), max(a, b)) for a, b in itertools.combinations(record["ids"], 2))
+        hit = len(planted_pairs & found_pairs)
+        yield {"part": "real", "store": store, "asked": radius, "radius": result.radius, "seconds": round(seconds, 2),
+               "groups": result.summary["groups"], "planted_pairs": len(planted_pairs),
+               "found_pairs": len(found_pairs), "recall": round(hit / max(1, len(planted_pairs)), 4),
+               "precision": round(hit / max(1, len(found_pairs)), 4)}
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -293,6 +295,7 @@ def main() -> None:
     ap.add_argument("--e2e-radius", type=int, default=3)
     ap.add_argument("--real-store")
     ap.add_argument("--real-truth")
+    ap.add_argument("--real-radii", nargs="+", default=["auto"], help="real: radii to score ('auto' or bits)")
     ap.add_argument("--json", default=None, help="append JSON records to this file")
     ap.add_argument("--compare", action="store_true",
                     help="grid: also time the other method (where estimated within --max-seconds) and compare pairs")
@@ -346,7 +349,7 @@ def main() -> None:
     if "real" in parts:
         if not (args.real_store and args.real_truth):
             ap.error("real needs --real-store and --real-truth")
-        for record in real_part(args.real_store, args.real_truth, args.threads):
+        for record in real_part(args.real_store, args.real_truth, args.threads, args.real_radii):
             emit(record)
 
 
