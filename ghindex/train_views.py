@@ -31,7 +31,7 @@ from .encoder import Encoder
 from .errors import DataError, ImageError
 from .hashing import hamming_distances, pack_signs
 from .images import load_image
-from .train_inputs import _Preprocess
+from .train_inputs import FilledRows, _Preprocess
 from .train_state import TrainingState
 
 logger = logging.getLogger("ghindex.train")  # one logger for all of training
@@ -83,7 +83,7 @@ def extract_views(model: Encoder, source: DataSource, views: int, seed: int, dev
     per_batch = max(1, batch_size // count)
     loader = torch.utils.data.DataLoader(dataset, batch_size=per_batch, shuffle=False, num_workers=workers,
                                          collate_fn=collate, pin_memory=device.type == "cuda")
-    feats, kept, bad = [], [], 0
+    filled, bad = FilledRows(len(source)), 0
     model.eval()
     with torch.inference_mode(), tqdm(total=len(source) * count, unit="view", desc=desc, file=sys.stderr,
                                       disable=not progress, leave=False) as bar:
@@ -97,14 +97,13 @@ def extract_views(model: Encoder, source: DataSource, views: int, seed: int, dev
                 x = x[ok]
                 with autocast():
                     f = model.features(x.flatten(0, 1).to(device, non_blocking=True))
-                feats.append(f.float().cpu().view(len(x), count, -1))
-                kept.append(idx[ok].numpy())
+                filled.add(f.float().cpu().view(len(x), count, -1), idx[ok].numpy())
             bar.update(len(idx) * count)
     if bad:
         logger.warning("skipped %d undecodable image(s) of %d", bad, len(source))
-    if not feats:
+    if not filled.filled:
         raise DataError(f"no decodable images in {source.description}")
-    return torch.cat(feats), np.concatenate(kept)
+    return filled.result()
 
 
 def lda_init(rows: torch.Tensor, bits: int) -> torch.Tensor:

@@ -196,6 +196,18 @@ def test_views_is_the_unsupervised_default_for_images_only(tmp_path, monkeypatch
     assert info(tmp_path / "m.ghm")["objective"] == "unsupervised (views)"
 
 
+def test_filled_rows_keep_the_added_batches_in_order():
+    from ghindex.train_inputs import FilledRows
+
+    filled = FilledRows(5)  # 5 items, of which 4 decoded, in two batches
+    filled.add(torch.ones(3, 2, 4), np.array([0, 1, 3]))
+    filled.add(torch.full((1, 2, 4), 2.0), np.array([4]))
+    rows, items = filled.result()
+    assert rows.shape == (4, 2, 4) and rows.dtype == torch.float32 and rows.is_contiguous()
+    assert torch.equal(rows[3], torch.full((2, 4), 2.0)) and rows[:3].eq(1).all()
+    assert items.tolist() == [0, 1, 3, 4]
+
+
 def test_views_cache_shape_and_determinism(tmp_path):
     source = load_data(demo_folder(tmp_path / "imgs", per_class=5))
     model = Encoder("smallcnn", 16, weights="none", image_size=32)
