@@ -330,8 +330,9 @@ class _TrainingRun(TrainingState):
                 val, kept = _extract_features_sharded(model, self.val_source, device, max(self.batch_size, 64),
                                                       self.workers, self.autocast, False)
                 self.val_cached, self.val_labels = val.to(self.cached.device), self.val_labels[kept]
-        weights = self.view_weights
-        self.objective = Objective("views" if weights else self.kind, alpha=self.alpha, shift=self.target_shift,
+        weights = self.view_weights  # ({} unless the views objective)
+        kind = "views" if self.unsupervised_objective == "views" else self.kind
+        self.objective = Objective(kind, alpha=self.alpha, shift=self.target_shift,
                                    balance=self.balance, similarity=weights.get("similarity_weight", 0.0),
                                    consistency=weights.get("consistency_weight", 0.0),
                                    contrast=weights.get("contrast_weight", 0.0))
