@@ -25,10 +25,9 @@ from ghindex.data import PROTOCOLS
               help="Unsupervised training on frozen backbone features (--objective); labels unused. On images it "
                    "records the model's copy radius (see `ghindex info`).")
 @click.option("--objective", type=click.Choice(["similarity", "views"]), default=None,
-              help="Unsupervised objective: views (images only: codes keep the un-edited images' feature cosines, "
-                   "and the codes of an image's edited copies agree and differ from other images'; finds copies and "
-                   "semantic neighbours) or similarity (the feature cosines alone). [default: views for images; "
-                   "similarity for feature arrays, under torchrun and with --preset paper]")
+              help="Unsupervised objective: similarity (codes keep the backbone features' cosines) or views (images "
+                   "only: also the codes of an image's edited copies agree and differ from other images'; finds "
+                   "copies). [default: similarity]")
 @click.option("--views", type=int, default=8, show_default=True,
               help="--objective views: edited views per training image, their features extracted once (8 found more "
                    "copies than 4 on a validation split, for twice the extraction time).")

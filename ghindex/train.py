@@ -102,7 +102,6 @@ from .train_settings import (
     _check_args,
     _check_objective,
     _check_view_weights,
-    _default_objective,
     _objective_kind,
     _run_group,
     _setup_processes,
@@ -532,14 +531,14 @@ def train(
     val_fraction: held-out slice of the (labelled) training items, at most 1,000, whose mAP against
         the rest is logged every `val_every` epochs and after the last (0: none; slices under 10
         items are not made). keep_best: keep the model of the best held-out mAP, not the last.
-    objective: unsupervised only: ``views`` (images only, their default: each image's un-edited view and
-        `views` edits from `ghindex.augment`, their features extracted once; the codes of the un-edited images
-        keep their pooled features' cosines, as ``similarity``, and the codes of two edited views of an image
-        agree and differ from other images'; its own preset entry) or ``similarity`` (the codes keep the
-        frozen features' cosines; the default for feature arrays, under torchrun and with the paper preset:
-        `ghindex.train_settings._default_objective`). Measured at 64 bits on CIFAR-10 at 128 px
-        (benchmarks/RESULTS.md, "Copies"): views found edited copies by image query 0.964 of the time
-        (similarity 0.595) and ranked semantic neighbours as well (mAP@1000 0.527 vs 0.516).
+    objective: unsupervised only: ``similarity`` (the default: the codes keep the frozen features' cosines)
+        or ``views`` (images only: each image's un-edited view and `views` edits from `ghindex.augment`, their
+        features extracted once; the codes of the un-edited images keep their pooled features' cosines, as
+        ``similarity``, and the codes of two edited views of an image agree and differ from other images';
+        its own preset entry). Measured at 64 bits on CIFAR-10 at 128 px (benchmarks/RESULTS.md, "Copies"):
+        trained on 5,000 images, views found edited copies by image query 0.964 of the time (similarity 0.595)
+        and ranked semantic neighbours as well (mAP@1000 0.527 vs 0.516); trained on all 50,000 it ranked
+        them worse (0.573 vs 0.589), hence not the default.
     similarity_weight, consistency_weight, contrast_weight: the views objective's terms and their weights
         (default: the preset's, 3, 0.7 and 0.1, chosen on a validation split): `cosine_preservation_loss` on
         the un-edited images, `view_consistency_loss` (1 - cosine between two views' codes) and `nt_xent_loss`
@@ -564,8 +563,6 @@ def train(
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     kind = "unsupervised" if unsupervised else ("multi-label" if multi_label else "supervised")
-    if unsupervised and objective is None:
-        objective = _default_objective(preset, data, backbone)
     group = "views" if unsupervised and objective == "views" else _run_group(kind, freeze_backbone, backbone, data)
     chosen = PRESETS[preset][group]
     pick = lambda value, key: chosen[key] if value is None else value  # noqa: E731

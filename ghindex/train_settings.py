@@ -98,8 +98,8 @@ def _check_args(bits, epochs, lr, lr_step, momentum, weight_decay, batch_size, a
 
 
 def _check_objective(objective, views, unsupervised: bool, init: str, hash_hidden: int, center: bool) -> str | None:
-    """The unsupervised objective (as named: `_default_objective` fills it in before; None for supervised
-    runs), after checking `views` and what the views objective needs."""
+    """The unsupervised objective ("similarity" unless named; None for supervised runs), after checking
+    `views` and what the views objective needs."""
     if isinstance(views, bool) or not isinstance(views, (int, np.integer)) or views < 1:
         raise ConfigError(f"views must be a positive integer (edited views per image), got {views!r}")
     if objective is not None and objective not in UNSUPERVISED_OBJECTIVES:
@@ -108,6 +108,8 @@ def _check_objective(objective, views, unsupervised: bool, init: str, hash_hidde
         if objective is not None:
             raise ConfigError(f"objective {objective!r} applies to unsupervised training (unsupervised=True)")
         objective = None
+    else:
+        objective = objective or "similarity"
     if init == "lda" and objective != "views":
         raise ConfigError("init 'lda' starts the hash layer from edited views: it needs objective 'views'")
     if objective == "views":
@@ -171,15 +173,6 @@ def _holds_features(data, backbone) -> bool:
     if isinstance(data, DataSource):
         return data.kind == "features"
     return os.path.splitext(os.fspath(data))[1].lower() in ARRAY_EXTENSIONS
-
-
-def _default_objective(preset: str, data, backbone) -> str:
-    """The unsupervised objective when none is named: ``views`` for images under the default preset, in one
-    process; ``similarity`` for feature vectors (nothing to edit), under torchrun (views runs in one process)
-    and for the paper preset (the paper's objective)."""
-    if preset != "default" or distributed.world_size() > 1 or _holds_features(data, backbone):
-        return "similarity"
-    return "views"
 
 
 def _run_group(kind: str, freeze_backbone, backbone, data) -> str:

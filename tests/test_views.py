@@ -174,38 +174,11 @@ def test_views_run_starts_from_view_lda_when_asked(tmp_path, monkeypatch):
         ghindex.train(folder, init="lda", **{**common, "hash_hidden": 64})
 
 
-def test_views_is_the_unsupervised_default_for_images_only(tmp_path, monkeypatch):
-    from ghindex import distributed
-    from ghindex.train_settings import _default_objective
-
+def test_similarity_stays_the_unsupervised_default(tmp_path):
     folder = demo_folder(tmp_path / "imgs", per_class=12)
-    feats = DataSource("features", "synthetic", features=np.zeros((4, 8), np.float32))
-    assert _default_objective("default", folder, None) == "views"
-    assert _default_objective("default", load_data(folder), "mobilenet_v2") == "views"
-    assert _default_objective("paper", folder, None) == "similarity"  # the paper's objective
-    assert _default_objective("default", feats, None) == "similarity"  # nothing to edit
-    assert _default_objective("default", str(tmp_path / "f.npz"), None) == "similarity"
-    assert _default_objective("default", folder, "identity") == "similarity"
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)  # torchrun: views runs in one process
-    assert _default_objective("default", folder, None) == "similarity"
-    monkeypatch.undo()
-    model = ghindex.train(folder, unsupervised=True, views=2, epochs=1, val_fraction=0.0, out=tmp_path / "m.ghm",
-                          **SMALL)
-    training = model.config.extra["training"]
-    assert training["unsupervised_objective"] == "views" and training["contrast_weight"] == 0.1
-    assert info(tmp_path / "m.ghm")["objective"] == "unsupervised (views)"
-
-
-def test_filled_rows_keep_the_added_batches_in_order():
-    from ghindex.train_inputs import FilledRows
-
-    filled = FilledRows(5)  # 5 items, of which 4 decoded, in two batches
-    filled.add(torch.ones(3, 2, 4), np.array([0, 1, 3]))
-    filled.add(torch.full((1, 2, 4), 2.0), np.array([4]))
-    rows, items = filled.result()
-    assert rows.shape == (4, 2, 4) and rows.dtype == torch.float32 and rows.is_contiguous()
-    assert torch.equal(rows[3], torch.full((2, 4), 2.0)) and rows[:3].eq(1).all()
-    assert items.tolist() == [0, 1, 3, 4]
+    model = ghindex.train(folder, unsupervised=True, epochs=1, val_fraction=0.0, out=tmp_path / "m.ghm", **SMALL)
+    assert model.config.extra["training"]["unsupervised_objective"] == "similarity"
+    assert info(tmp_path / "m.ghm")["objective"] == "unsupervised (similarity)"
 
 
 def test_views_cache_shape_and_determinism(tmp_path):
