@@ -165,22 +165,15 @@ def _setup_processes(device, kind: str, batch_size, progress) -> tuple[torch.dev
     return torch_device, world, progress
 
 
-def _holds_features(data, backbone) -> bool:
-    """Whether the run reads feature vectors (the identity backbone, a feature DataSource, an array file)
-    rather than images, as far as can be told before loading the data."""
-    if backbone == "identity":
-        return True
-    if isinstance(data, DataSource):
-        return data.kind == "features"
-    return os.path.splitext(os.fspath(data))[1].lower() in ARRAY_EXTENSIONS
-
-
 def _run_group(kind: str, freeze_backbone, backbone, data) -> str:
     """Which PRESETS entry applies: "unsupervised", "frozen" or "finetune"."""
     if kind == "unsupervised":
         return "unsupervised"
     if freeze_backbone or backbone == "identity":
         return "frozen"
-    if backbone is None and _holds_features(data, backbone):  # feature arrays get the frozen identity backbone
-        return "frozen"
+    if backbone is None:  # feature arrays get the identity backbone, which is frozen
+        if isinstance(data, DataSource):
+            return "frozen" if data.kind == "features" else "finetune"
+        if os.path.splitext(os.fspath(data))[1].lower() in ARRAY_EXTENSIONS:
+            return "frozen"
     return "finetune"
