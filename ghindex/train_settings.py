@@ -24,7 +24,19 @@ from .hashing import check_bits
 # lr_step, where a preset names it, replaces the usual single drop after 60% of the epochs.
 _SGD = dict(alpha=0.1, center=True, init="random", hash_hidden=0, balance=0.0, batch_size=32,
             backbone_lr_scale=1.0)  # the paper's base
-# The views objective: the unsupervised default's own recipe (hidden layer, SGD) on the views' features, its
+# Gradients of a step are scaled down to this norm. Only the default unsupervised recipes need it: at 16
+# bits its lr of 0.3 met the cubic penalty's growing gradient and diverged within a dozen steps (norms 1-7,
+# then 20, 950, 7e12: "training diverged") on CIFAR-10 features; at 32 and 64 bits no step's gradient
+# came near it (largest 2.7 and 1.0), so those runs are unchanged, bit for bit.
+MAX_GRAD_NORM = 5.0
+# The default unsupervised recipe: a ReLU layer of 1,024 before the hash layer, which needs the larger lr, and
+# the bit balance penalty, without which that layer left bits constant (RESULTS.md, "Training: unsupervised").
+# Codes of 16 bits or fewer learn at lr 0.1: on the validation split (mAP@1000, 128 px) lr 0.3 gave
+# 0.333 / 0.329 at 8 / 16 bits and 0.1 gave 0.374 / 0.402 (ITQ 0.358 / 0.371), while from 24 bits on
+# 0.3 stayed ahead (0.433 / 0.448 / 0.480 vs 0.419 / 0.435 / 0.463 at 24 / 32 / 64 bits).
+_UNSUPERVISED = {**_SGD, "lr": 0.3, "alpha": 0.3, "hash_hidden": 1024, "balance": 1.0, "epochs": 20,
+                 "batch_size": 256, "max_grad_norm": MAX_GRAD_NORM, "small_codes_bits": 16, "small_codes_lr": 0.1}
+# The views objective: `_UNSUPERVISED` (hidden layer, SGD) on the views' features, its
 # similarity target on the un-edited images (weight 3), plus view consistency 0.7 and NT-Xent 0.1. Chosen on a
 # validation split (other CIFAR-10 training images, 64 bits, seeds 0 and 1, RESULTS.md "Copies"): semantic
 # mAP@1000 0.520 / 0.514 (similarity objective 0.499 / 0.517) with copies found by image queries 0.968 / 0.959,
@@ -33,26 +45,13 @@ _SGD = dict(alpha=0.1, center=True, init="random", hash_hidden=0, balance=0.0, b
 # Codes of 32 bits or fewer learn at lr 0.1: at 0.3 the cubic penalty swung up to 130 until the lr dropped
 # (semantic 0.422, similarity 0.449); at 0.1: 0.456 / 0.466 (similarity 0.449 / 0.465), while at 64 bits
 # 0.3 stayed ahead (0.520 vs 0.502).
-_VIEWS = {**_SGD, "lr": 0.3, "alpha": 0.3, "hash_hidden": 1024, "balance": 1.0, "epochs": 20, "batch_size": 256,
-          "max_grad_norm": 5.0, "small_codes_bits": 32, "small_codes_lr": 0.1,
+_VIEWS = {**_UNSUPERVISED, "small_codes_bits": 32,
           "similarity_weight": 3.0, "consistency_weight": 0.7, "contrast_weight": 0.1}
 VIEW_WEIGHTS = ("similarity_weight", "consistency_weight", "contrast_weight")
-# Gradients of a step are scaled down to this norm. Only the default unsupervised preset needs it: at 16
-# bits its lr of 0.3 met the cubic penalty's growing gradient and diverged within a dozen steps (norms 1-7,
-# then 20, 950, 7e12: "training diverged") on CIFAR-10 features; at 32 and 64 bits no step's gradient
-# came near it (largest 2.7 and 1.0), so those runs are unchanged, bit for bit.
-MAX_GRAD_NORM = 5.0
 UNSUPERVISED_OBJECTIVES = ("similarity", "views")
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
-        # a ReLU layer of 1,024 before the hash layer, which needs the larger lr, and the bit balance
-        # penalty, without which that layer left bits constant (RESULTS.md, "Training: unsupervised")
-        # Codes of 16 bits or fewer learn at lr 0.1: on the validation split (mAP@1000, 128 px) lr 0.3 gave
-        # 0.333 / 0.329 at 8 / 16 bits and 0.1 gave 0.374 / 0.402 (ITQ 0.358 / 0.371), while from 24 bits on
-        # 0.3 stayed ahead (0.433 / 0.448 / 0.480 vs 0.419 / 0.435 / 0.463 at 24 / 32 / 64 bits).
-        "unsupervised": {**_SGD, "lr": 0.3, "alpha": 0.3, "hash_hidden": 1024, "balance": 1.0, "epochs": 20,
-                         "batch_size": 256, "max_grad_norm": MAX_GRAD_NORM, "small_codes_bits": 16,
-                         "small_codes_lr": 0.1},
+        "unsupervised": _UNSUPERVISED,
         "frozen": {**_SGD, "lr": 1e-3, "epochs": 30},
         # one lr for every layer: backbone layers at lr x 0.1 lost 0.12 mAP (RESULTS.md, "Fine-tuned backbone on a GPU")
         "finetune": {**_SGD, "lr": 1e-3, "epochs": 50},
