@@ -15,8 +15,9 @@ the trim threshold to 2 GiB, so freed blocks stay in malloc's heap for the next 
 process keeps its peak heap instead of shrinking after it (as jemalloc, tcmalloc and PyTorch's CUDA
 caching allocator do), and a loop that keeps a small result per batch between large temporaries pins
 their freed space: training's feature extraction grew by 35 MB per batch that way until it wrote into one
-buffer allocated up front (`ghindex.train_inputs.FilledRows`); such loops should do the same. It is called when an Encoder is built (every command and API function that runs a
-model builds one), once per process, and inherited by the data loader's forked workers. It changes nothing
+buffer allocated up front (`ghindex.train_inputs.FilledRows`); such loops should do the same. It is called
+when an Encoder is built (every command and API function that runs a model builds one), once per process,
+and inherited by the data loader's forked workers. It changes nothing
 where the process chose for itself: another C library (macOS, Windows, musl), `GLIBC_TUNABLES` or a
 `MALLOC_*_` variable set, or ``GHINDEX_MALLOC=system``.
 """
