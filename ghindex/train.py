@@ -102,6 +102,7 @@ from .train_settings import (
     _check_args,
     _check_objective,
     _check_view_weights,
+    _default_objective,
     _objective_kind,
     _run_group,
     _setup_processes,
@@ -183,7 +184,9 @@ class _TrainingRun(TrainingState):
         if self.detail_layer is not None:  # (absent otherwise: older checkpoints still resume)
             self.signature["detail_layer"] = self.detail_layer
         if self.unsupervised_objective == "views":  # (absent otherwise: older checkpoints still resume)
-            self.signature.update(unsupervised_objective="views", views=int(self.views), **self.view_weights)
+            # (contrast_spare only where set: checkpoints from before it existed still resume)
+            self.signature.update(unsupervised_objective="views", views=int(self.views),
+                                  **{k: v for k, v in self.view_weights.items() if k != "contrast_spare" or v})
         self.weights_info = {"weights": os.fspath(self.weights)}
         if self.weights not in ("none", "imagenet", None) and os.path.isfile(os.fspath(self.weights)):
             self.weights_info["weights_sha256"] = file_fingerprint(self.weights)
@@ -491,6 +494,7 @@ def train(
     similarity_weight: float | None = None,
     consistency_weight: float | None = None,
     contrast_weight: float | None = None,
+    contrast_spare: float | None = None,
     detail_layer: str | None = "auto",
     workers: int | None = None,
     resume: bool = False,
@@ -531,18 +535,24 @@ def train(
     val_fraction: held-out slice of the (labelled) training items, at most 1,000, whose mAP against
         the rest is logged every `val_every` epochs and after the last (0: none; slices under 10
         items are not made). keep_best: keep the model of the best held-out mAP, not the last.
-    objective: unsupervised only: ``similarity`` (the default: the codes keep the frozen features' cosines)
-        or ``views`` (images only: each image's un-edited view and `views` edits from `ghindex.augment`, their
-        features extracted once; the codes of the un-edited images keep their pooled features' cosines, as
-        ``similarity``, and the codes of two edited views of an image agree and differ from other images';
-        its own preset entry). Measured at 64 bits on CIFAR-10 at 128 px (benchmarks/RESULTS.md, "Copies"):
-        trained on 5,000 images, views found edited copies by image query 0.964 of the time (similarity 0.595)
-        and ranked semantic neighbours as well (mAP@1000 0.527 vs 0.516); trained on all 50,000 it ranked
-        them worse (0.573 vs 0.589), hence not the default.
+    objective: unsupervised only: ``views`` (images only, their default: each image's un-edited view and
+        `views` edits from `ghindex.augment`, their features extracted once; the codes of the un-edited images
+        keep their pooled features' cosines, as ``similarity``, and the codes of two edited views of an image
+        agree and differ from other images'; its own preset entry) or ``similarity`` (the codes keep the frozen
+        features' cosines; the default for feature arrays, under torchrun and with the paper preset:
+        `ghindex.train_settings._default_objective`). Measured at 64 bits on CIFAR-10 at 128 px
+        (benchmarks/RESULTS.md, "Copies"): trained on all 50,000 training images (cifar10-II),
+        views ranked semantic neighbours better (mAP@1000 0.603 vs 0.589 at 64 bits, 0.562 vs 0.552 at 32);
+        trained on 5,000, its image queries found edited copies 0.918-0.924 of the time on a validation split
+        (similarity 0.565-0.590).
     similarity_weight, consistency_weight, contrast_weight: the views objective's terms and their weights
         (default: the preset's, 3, 0.7 and 0.1, chosen on a validation split): `cosine_preservation_loss` on
         the un-edited images, `view_consistency_loss` (1 - cosine between two views' codes) and `nt_xent_loss`
         (temperature 0.1) between the codes of two views of each image; consistency or contrast must be > 0.
+    contrast_spare: the views objective: the share of a batch, in [0, 1), that NT-Xent spares for each image: its
+        most similar other images (cosine of their centred pooled features, `ghindex.losses.neighbour_pairs`)
+        are not its negatives, so look-alikes are not pushed apart as unrelated images are (default: the
+        preset's, 0.1; 0 finds more copies and ranks semantic neighbours worse).
     detail_layer: a backbone layer whose output, average-pooled to a 2 x 2 grid, joins the pooled features
         (`ghindex.backbones.WithDetail`; the model file records it): ``auto`` (the default) adds the
         backbone's `DETAIL_LAYERS` entry for the views objective and nothing otherwise; ``none``; or a layer
@@ -563,6 +573,8 @@ def train(
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     kind = "unsupervised" if unsupervised else ("multi-label" if multi_label else "supervised")
+    if unsupervised and objective is None:
+        objective = _default_objective(preset, data, backbone)
     group = "views" if unsupervised and objective == "views" else _run_group(kind, freeze_backbone, backbone, data)
     chosen = PRESETS[preset][group]
     pick = lambda value, key: chosen[key] if value is None else value  # noqa: E731
@@ -581,7 +593,8 @@ def train(
                 backbone_lr_scale, val_fraction, val_every, preset, balance)
     objective = _check_objective(objective, views, unsupervised, init, hash_hidden, center)
     view_weights = _check_view_weights(dict(similarity_weight=similarity_weight, consistency_weight=consistency_weight,
-                                            contrast_weight=contrast_weight), objective, chosen)
+                                            contrast_weight=contrast_weight, contrast_spare=contrast_spare),
+                                       objective, chosen)
     _check_outputs(out, resume, overwrite)
     kind = _objective_kind(unsupervised, multi_label, freeze_backbone, batch_size)
     torch_device, world, progress = _setup_processes(device, kind, batch_size, progress)

@@ -21,6 +21,7 @@ from .data import collate
 from .encoder import Encoder
 from .errors import ConfigError, DataError
 from .hashing import greedy_sign
+from .losses import neighbour_pairs
 from .train_state import TrainingState
 
 logger = logging.getLogger("ghindex.train")  # one logger for all of training
@@ -150,10 +151,14 @@ def _view_steps(run: TrainingState, epoch: int, order: torch.Tensor, gen: torch.
     """The views objective's steps on cached view features: for each image two different views out of its
     1+V (drawn from the epoch's generator), the first views' rows then the second's through the hash layer,
     and with a similarity term the un-edited images' rows (view 0) after them, whose target is their
-    features' first `run.similarity_width` columns (the pooled block); returns 0 (nothing skipped)."""
+    features' first `run.similarity_width` columns (the pooled block); with `contrast_spare`, each image's
+    most similar images of the batch (`neighbour_pairs` of their centred pooled features) are not its NT-Xent
+    negatives; returns 0 (nothing skipped)."""
     views, head = run.view_cache, run.model.head
     count = views.shape[1]
     similarity = bool(run.objective.similarity)
+    spare = run.view_weights.get("contrast_spare", 0.0) if run.objective.contrast else 0.0
+    pooled = getattr(run.model.backbone, "pooled_width", None)  # the pooled block (detail features after it)
     for start in range(0, len(order), run.process_batch):
         idx = order[start:start + run.process_batch]
         first = torch.randint(0, count, (len(idx),), generator=gen)
@@ -162,9 +167,14 @@ def _view_steps(run: TrainingState, epoch: int, order: torch.Tensor, gen: torch.
             continue  # a lone leftover image has no negatives
         parts = [views[idx, first], views[idx, second]] + ([views[idx, 0]] if similarity else [])
         rows = torch.cat(parts).to(run.device, non_blocking=True)
-        h = run.forward(head, run.centred_rows(rows))
+        centred = run.centred_rows(rows)
+        h = run.forward(head, centred)
         plain = rows[2 * len(idx):, :run.similarity_width] if similarity else None
-        _step(run, epoch, stats, h, plain, None, counted=2 * len(idx))
+        spared = None
+        if spare:  # look-alikes by the un-edited images' centred pooled features
+            original = centred[2 * len(idx):] if similarity else run.centred_rows(views[idx, 0].to(run.device))
+            spared = neighbour_pairs(original[:, :pooled], spare)
+        _step(run, epoch, stats, h, plain, None, counted=2 * len(idx), spared=spared)
         bar.update(len(idx))
     return 0
 
@@ -213,12 +223,12 @@ def _clip(run: TrainingState) -> None:
 
 
 def _step(run: TrainingState, epoch: int, stats: EpochStats, h_raw, features, y, loss_weight: float = 1.0,
-          counted: int | None = None) -> None:
+          counted: int | None = None, spared: torch.Tensor | None = None) -> None:
     """Loss, backward and optimizer step on one batch's H; the statistics of its first `counted` rows (all by
-    default) unless loss_weight is 0."""
+    default) unless loss_weight is 0. spared: the views objective's pairs that are not NT-Xent negatives."""
     h = h_raw.float()
     b = greedy_sign(h)
-    terms = run.objective(h, b, features=features, classifier=run.model.classifier, labels=y)
+    terms = run.objective(h, b, features=features, classifier=run.model.classifier, labels=y, spared=spared)
     if not torch.isfinite(terms.total):
         raise ConfigError(f"training diverged (loss {float(terms.total.detach())} in epoch {epoch + 1}): "
                           "lower lr or alpha")

@@ -22,7 +22,8 @@ from ghindex.data import DataSource, load_data
 from ghindex.errors import ConfigError
 from ghindex.hashing import greedy_sign
 from ghindex.info import info
-from ghindex.losses import Objective, bit_balance_penalty, cosine_preservation_loss, nt_xent_loss, view_consistency_loss
+from ghindex.losses import (Objective, bit_balance_penalty, cosine_preservation_loss, neighbour_pairs, nt_xent_loss,
+                            view_consistency_loss)
 from ghindex.train_views import copy_recall, extract_views, lda_init
 from ghindex_cli.main import cli
 
@@ -52,6 +53,49 @@ def test_nt_xent_matches_its_definition():
         others = [sim[i, j] for j in range(6) if j != i]
         expected += -(sim[i, positive] - torch.logsumexp(torch.stack(others), 0))
     assert torch.allclose(nt_xent_loss(a, b, 0.5), expected / 6, atol=1e-5)
+
+
+def test_spared_nt_xent_leaves_the_spared_pairs_out_of_both_views_denominators():
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    spared = torch.zeros(4, 4, dtype=torch.bool)
+    spared[0, 2] = spared[2, 0] = True
+    spared[1, 1] = True  # the diagonal is ignored: an item's positive always stays
+    z = torch.nn.functional.normalize(torch.cat([a, b]), dim=1)
+    sim = z @ z.T / 0.1
+    expected = 0.0
+    for i in range(8):
+        positive = (i + 4) % 8
+        others = [sim[i, j] for j in range(8) if j != i and not (i % 4, j % 4) in {(0, 2), (2, 0)}]
+        expected += -(sim[i, positive] - torch.logsumexp(torch.stack(others), 0))
+    assert torch.allclose(nt_xent_loss(a, b, 0.1, spared), expected / 8, atol=1e-5)
+    assert torch.equal(nt_xent_loss(a, b, 0.1, torch.zeros(4, 4, dtype=torch.bool)), nt_xent_loss(a, b, 0.1))
+    assert nt_xent_loss(a, b, 0.1, spared) != nt_xent_loss(a, b, 0.1)
+    with pytest.raises(ConfigError, match="spared pairs"):
+        nt_xent_loss(a, b, 0.1, spared[:3])
+
+
+def test_neighbour_pairs_are_each_items_most_similar_others_both_ways():
+    features = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.1]])
+    pairs = neighbour_pairs(features, 0.25)  # round(0.25 * 4) = 1 neighbour each
+    expected = {(0, 1), (1, 0), (2, 3), (3, 2), (4, 2), (2, 4)}  # 4: nearest 2 (cosine 0.10)
+    assert {(i, j) for i, j in torch.nonzero(pairs).tolist()} == expected  # and 2 spares 4 back
+    assert not pairs.diagonal().any()
+    assert not neighbour_pairs(features, 0.0).any() and not neighbour_pairs(features, 0.1).any()  # rounds to 0
+    assert neighbour_pairs(features, 0.99).sum() == 5 * 4  # every other item
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="spared share"):
+            neighbour_pairs(features, bad)
+
+
+def test_views_objective_passes_the_spared_pairs_to_nt_xent():
+    torch.manual_seed(3)
+    h = torch.randn(2 * 5, 16)
+    b = greedy_sign(h)
+    spared = neighbour_pairs(torch.randn(5, 4), 0.5)
+    objective = Objective("views", alpha=0.0, balance=0.0, contrast=0.1, consistency=0.7)
+    assert torch.allclose(objective(h, b, spared=spared).main, 0.1 * nt_xent_loss(b[:5], b[5:], 0.1, spared)
+                          + 0.7 * view_consistency_loss(b[:5], b[5:]))
 
 
 def test_views_objective_gradient_reaches_the_hash_layer_through_greedy_sign():
@@ -126,6 +170,14 @@ def test_views_weights_default_to_the_preset_train_differently_and_read_the_pool
     assert not torch.equal(default.hash_layer.weight, alone.hash_layer.weight)
     contrast = ghindex.train(folder, consistency_weight=0, **common)
     assert not torch.equal(default.hash_layer.weight, contrast.hash_layer.weight)
+    spared_batches = []
+    real_pairs = sys.modules["ghindex.train_epoch"].neighbour_pairs
+    monkeypatch.setattr(sys.modules["ghindex.train_epoch"], "neighbour_pairs",
+                        lambda features, share: spared_batches.append(features.shape) or real_pairs(features, share))
+    spared = ghindex.train(folder, contrast_spare=0.2, **common)
+    assert spared_batches and {shape[1] for shape in spared_batches} == {256}  # the pooled block
+    assert spared.config.extra["training"]["contrast_spare"] == 0.2
+    assert not torch.equal(spared.hash_layer.weight, ghindex.train(folder, contrast_spare=0.0, **common).hash_layer.weight)
 
 
 def test_lda_init_finds_the_direction_that_tells_images_apart():
@@ -174,11 +226,43 @@ def test_views_run_starts_from_view_lda_when_asked(tmp_path, monkeypatch):
         ghindex.train(folder, init="lda", **{**common, "hash_hidden": 64})
 
 
-def test_similarity_stays_the_unsupervised_default(tmp_path):
+def test_views_is_the_unsupervised_default_for_images_only(tmp_path, monkeypatch):
+    from ghindex import distributed
+    from ghindex.train_settings import _default_objective
+
     folder = demo_folder(tmp_path / "imgs", per_class=12)
-    model = ghindex.train(folder, unsupervised=True, epochs=1, val_fraction=0.0, out=tmp_path / "m.ghm", **SMALL)
-    assert model.config.extra["training"]["unsupervised_objective"] == "similarity"
-    assert info(tmp_path / "m.ghm")["objective"] == "unsupervised (similarity)"
+    feats = DataSource("features", "synthetic", features=np.zeros((4, 8), np.float32))
+    assert _default_objective("default", folder, None) == "views"
+    assert _default_objective("default", load_data(folder), "mobilenet_v2") == "views"
+    assert _default_objective("paper", folder, None) == "similarity"  # the paper's objective
+    assert _default_objective("default", feats, None) == "similarity"  # nothing to edit
+    assert _default_objective("default", str(tmp_path / "f.npz"), None) == "similarity"
+    assert _default_objective("default", folder, "identity") == "similarity"
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)  # torchrun: views runs in one process
+    assert _default_objective("default", folder, None) == "similarity"
+    monkeypatch.undo()
+    model = ghindex.train(folder, unsupervised=True, views=2, epochs=1, val_fraction=0.0, out=tmp_path / "m.ghm",
+                          **SMALL)
+    training = model.config.extra["training"]
+    assert training["unsupervised_objective"] == "views"
+    assert training["contrast_weight"] == 0.1 and training["contrast_spare"] == 0.1
+    assert info(tmp_path / "m.ghm")["objective"] == "unsupervised (views)"
+    array = tmp_path / "f.npz"
+    np.savez(array, features=np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32))
+    plain = ghindex.train(str(array), unsupervised=True, bits=8, epochs=1, val_fraction=0.0, progress=False)
+    assert plain.config.extra["training"]["unsupervised_objective"] == "similarity"
+
+
+def test_filled_rows_keep_the_added_batches_in_order():
+    from ghindex.train_inputs import FilledRows
+
+    filled = FilledRows(5)  # 5 items, of which 4 decoded, in two batches
+    filled.add(torch.ones(3, 2, 4), np.array([0, 1, 3]))
+    filled.add(torch.full((1, 2, 4), 2.0), np.array([4]))
+    rows, items = filled.result()
+    assert rows.shape == (4, 2, 4) and rows.dtype == torch.float32 and rows.is_contiguous()
+    assert torch.equal(rows[3], torch.full((2, 4), 2.0)) and rows[:3].eq(1).all()
+    assert items.tolist() == [0, 1, 3, 4]
 
 
 def test_views_cache_shape_and_determinism(tmp_path):
@@ -301,7 +385,7 @@ def test_bad_options_are_clear_errors(tmp_path, runner):
         ghindex.train(source, bits=8, objective="views", progress=False)
     with pytest.raises(ConfigError, match="lda"):
         ghindex.train(source, bits=8, unsupervised=True, init="lda", progress=False)
-    for name in ("similarity_weight", "consistency_weight", "contrast_weight"):
+    for name in ("similarity_weight", "consistency_weight", "contrast_weight", "contrast_spare"):
         for weight in (-1, float("nan"), "3", True):
             with pytest.raises(ConfigError, match=f"{name} must be"):
                 ghindex.train(source, bits=8, unsupervised=True, objective="views", progress=False, **{name: weight})
@@ -310,12 +394,15 @@ def test_bad_options_are_clear_errors(tmp_path, runner):
     with pytest.raises(ConfigError, match="consistency_weight or contrast_weight"):
         ghindex.train(source, bits=8, unsupervised=True, objective="views", consistency_weight=0, contrast_weight=0,
                       progress=False)
+    with pytest.raises(ConfigError, match="contrast_spare .* below 1"):
+        ghindex.train(source, bits=8, unsupervised=True, objective="views", contrast_spare=1.0, progress=False)
     array = tmp_path / "f.npz"
     np.savez(array, features=feats)
     for args in (["--objective", "views"], ["--objective", "views", "--views", "0"],
                  ["--objective", "views", "--similarity-weight", "-1"], ["--similarity-weight", "2"],
                  ["--objective", "views", "--consistency-weight", "nan"], ["--contrast-weight", "1"],
-                 ["--objective", "views", "--consistency-weight", "0", "--contrast-weight", "0"]):
+                 ["--objective", "views", "--consistency-weight", "0", "--contrast-weight", "0"],
+                 ["--objective", "views", "--contrast-spare", "1.5"], ["--contrast-spare", "0.1"]):
         result = runner.invoke(cli, ["train", str(array), "--unsupervised", "--bits", "8", "--out",
                                      str(tmp_path / "m.ghm"), "--no-progress", *args])
         assert result.exit_code != 0
