@@ -135,7 +135,7 @@ def _check_view_weights(weights: dict[str, Any], objective: str | None, chosen: 
         if named:
             raise ConfigError(f"{next(iter(named))} sets a term of the views objective: it needs objective 'views'")
         return {}
-    picked = {k: float(named.get(k, chosen.get(k, 0.0))) for k in VIEW_WEIGHTS}
+    picked = {k: float(named.get(k, chosen[k])) for k in VIEW_WEIGHTS}
     if not picked["contrast_spare"] < 1:
         raise ConfigError(f"contrast_spare is the share of a batch spared as negatives: it must be below 1, got "
                           f"{picked['contrast_spare']!r}")
