@@ -157,7 +157,7 @@ def _view_steps(run: TrainingState, epoch: int, order: torch.Tensor, gen: torch.
     views, head = run.view_cache, run.model.head
     count = views.shape[1]
     similarity = bool(run.objective.similarity)
-    spare = run.view_weights.get("contrast_spare", 0.0) if run.objective.contrast else 0.0
+    spare = run.view_weights["contrast_spare"] if run.objective.contrast else 0.0
     pooled = getattr(run.model.backbone, "pooled_width", None)  # the pooled block (detail features after it)
     for start in range(0, len(order), run.process_batch):
         idx = order[start:start + run.process_batch]
