@@ -284,12 +284,17 @@ def objectives() -> list[str]:
     return ["views", "similarity"]
 
 
+def train_kwargs(seed: int = 0) -> dict:
+    """The `ghindex.train` settings every model here shares: unsupervised, the frozen ImageNet MobileNetV2 at SIZE."""
+    return dict(unsupervised=True, backbone="mobilenet_v2", weights=mobilenet_weights(), image_size=SIZE,
+                seed=seed, device="cpu", progress=False)
+
+
 def train_model(objective: str, source, bits: int, epochs):
     """(model, seconds), or (None, error text) when training fails (the row says so; nothing is made up)."""
     import ghindex
 
-    kwargs = dict(unsupervised=True, backbone="mobilenet_v2", weights=mobilenet_weights(), image_size=SIZE,
-                  seed=0, device="cpu", progress=False)
+    kwargs = train_kwargs()
     if "objective" in inspect.signature(ghindex.train).parameters:
         kwargs["objective"] = objective
     elif objective != "similarity":

@@ -73,9 +73,7 @@ def memoise_views(cache: str) -> None:
 def train(source, bits: int, seed: int, settings: dict):
     import ghindex
 
-    kwargs = dict(unsupervised=True, backbone="mobilenet_v2", weights=bc.mobilenet_weights(), image_size=bc.SIZE,
-                  seed=seed, device="cpu", progress=False, objective="views")
-    kwargs.update(settings)
+    kwargs = {**bc.train_kwargs(seed), "objective": "views", **settings}  # --set may override any
     t0 = time.perf_counter()
     model = ghindex.train(source, bits=bits, **kwargs)
     return model.to("cpu").eval(), time.perf_counter() - t0
