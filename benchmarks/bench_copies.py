@@ -33,6 +33,9 @@ Contenders, every code `--bits` (64) wide:
 - `views, weighted` and `similarity, weighted`: the same models' codes in the database, each query image
   ranking them by its weighted Hamming distance (`ghindex.hashing.weighted_hamming`: its bits weighed by
   |H|, what `ghindex query` and `serve` do for image queries); recall@1 only (no radius).
+- `views, database --views V`: the database encoded by `ghindex.encode(..., views=V)` (each code from the
+  image and V edited views of it, `ghindex.database_views`) for each V of `--db-views` (4,8), the queries as
+  above; Hamming and weighted, with the encode's seconds.
 
 Measures, per contender: recall@1 of the original, tie-averaged (a query whose original shares the
 smallest distance with t-1 other images scores 1/t; 0 when anything is nearer), per edit and overall;
@@ -454,6 +457,30 @@ def table(rows: list[dict], bits: int) -> str:
     return "\n".join(lines)
 
 
+def encoded_with_views(model, db_paths, views: int):
+    """(codes in database order, seconds): `ghindex.encode(..., views=views)` of the database images (the
+    32 px files, which encode resizes to 128 px bilinearly as `upscale` does)."""
+    import tempfile
+
+    from ghindex.encode import encode
+    from ghindex.store import CodeStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path, listing, store = (os.path.join(tmp, n) for n in ("views.ghm", "db.txt", "db.h5"))
+        model.save(model_path)
+        with open(listing, "w") as f:
+            f.write("\n".join(os.path.abspath(p) for p in db_paths) + "\n")
+        t0 = time.perf_counter()
+        encode(model_path, listing, store, views=views, progress=False)
+        seconds = round(time.perf_counter() - t0, 1)
+        with CodeStore.open(store) as s:
+            codes, ids = s.codes(), s.ids()
+    if not np.array_equal(ids, np.arange(len(db_paths))):
+        raise SystemExit(f"encode --views {views} skipped database images: {len(ids)} of {len(db_paths)} encoded")
+    log(f"database encoded with {views} views per image: {seconds} s")
+    return codes, seconds
+
+
 def dedup_set(folder: str, model, db_paths, queries, originals) -> None:
     """The copy set as a code store for `ghindex dedup --radius auto`: the model (DIR/views.ghm), the
     copies as PNG files, one list file (database first: ids 0..n_db-1, then the copies), the store
@@ -497,6 +524,8 @@ def main(argv=None) -> None:
     ap.add_argument("--semantic-subset", type=int, default=0,
                     help="cifar10-II on a seeded N training and N/5 test images only (smoke runs; 0 = all)")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: ghindex's)")
+    ap.add_argument("--db-views", default="4,8", help="views per database image of the `encode --views` rows "
+                    "('' for none)")
     ap.add_argument("--cifar10-i", default=None, metavar="BITS",
                     help="ONLY the cifar10-I cells at these bits (e.g. 16,32,64), next to CIBHash's table; no copies")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("GHINDEX_COPIES_THREADS", "2")))
@@ -568,6 +597,15 @@ def main(argv=None) -> None:
         record(f"{objective}, weighted", copy_measures(weighted, originals, edits, hamming=False))
         if args.dedup_out and objective == "views":
             dedup_set(args.dedup_out, model, db_paths, queries, originals)
+        if objective == "views":
+            for views in [int(v) for v in args.db_views.split(",") if v.strip()]:
+                db_codes, encode_seconds = encoded_with_views(model, db_paths, views)
+                m = copy_measures(hamming_distances(model_codes(model, m_q), db_codes), originals, edits,
+                                  copy_radius=radius)
+                record(f"views, database --views {views}", m, db_views=views, encode_seconds=encode_seconds)
+                record(f"views, database --views {views}, weighted",
+                       copy_measures(weighted_hamming(model_outputs(model, m_q), db_codes), originals, edits,
+                                     hamming=False), db_views=views)
     for kind in ("phash", "dhash", "whash"):
         t0 = time.perf_counter()
         db_codes, q_codes = perceptual_codes(kind, db_images), perceptual_codes(kind, queries)

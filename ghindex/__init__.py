@@ -10,7 +10,7 @@ this table and checks every import). An import inside a function only defers a h
   6 tasks       evaluate, query, info, lifecycle, dedup, dedup_output, demo
   5 train       train, train_*
   4 encode      encode, encode_state, local_encode, sharded_encode, runtime
-  3 models      backbones, encoder, data, losses, batching, augment
+  3 models      backbones, encoder, data, losses, batching, augment, database_views
   2 storage     store, store_format, store_write, index, index.*
   1 kernels     flatscan, flatscan_kernels, metric_kernels, metrics, dedup_kernels, dedup_join, pixel_kernels
   0 base        errors, version, io, popcount, hashing, ids, device, distributed, images, journal, allocator

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .data import ImageDataset
+from .database_views import view_images
 from .images import normalize
 
 
@@ -29,6 +30,12 @@ def resized_uint8(img, image_size: int) -> torch.Tensor:
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BILINEAR)
     return torch.from_numpy(np.array(img, dtype=np.uint8))
+
+
+def view_stack(img, views: int, image_size: int) -> torch.Tensor:
+    """RGB PIL image -> (1 + views, S, S, 3) uint8: the image and its edited views
+    (`ghindex.database_views.view_images`), each resized as `resized_uint8` resizes."""
+    return torch.stack([resized_uint8(v, image_size) for v in view_images(img, views, image_size)])
 
 
 def normalize_batch(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -73,26 +80,31 @@ class BatchNormalizer:
         return out.permute(0, 3, 1, 2) if self.channels_last else out
 
 
-def collate_uint8(items):
-    """Collate `(i, (S, S, 3) uint8 image, error)` items into (indices, (N, 3, S, S) uint8, errors).
+def collate_uint8(items, item_shape: tuple[int, ...] | None = None):
+    """Collate `(i, (S, S, 3) uint8 image, error)` items into (indices, (N, 3, S, S) uint8, errors); items
+    of K images each, (K, S, S, 3) (`ghindex.database_views.view_stack`), give (N x K, 3, S, S), each item's
+    rows together.
 
     Images are stacked as they are laid out (N, S, S, 3) and returned as an NCHW view of that memory,
     i.e. channels-last, which is what the model runs on. (Stacking (3, S, S) views of HWC images
     instead takes torch's slow strided uint8 copy: ~100x slower.) A bad image's placeholder
-    becomes zeros.
+    becomes zeros (of `item_shape` when every item of the batch is bad).
     """
     idx, tensors, errors = zip(*items)
     shape = next((t.shape for t, e in zip(tensors, errors) if not e), None)
     if shape is None:  # every image of the batch is bad: shapes do not matter
         s = tensors[0].shape[-1]
-        shape = (s, s, 3)
+        shape = item_shape or (s, s, 3)
     stacked = torch.stack([t if not e else torch.zeros(shape, dtype=torch.uint8) for t, e in zip(tensors, errors)])
+    stacked = stacked.reshape(-1, *stacked.shape[-3:])  # K images per item: their rows one after another
     return torch.as_tensor(idx, dtype=torch.long), stacked.permute(0, 3, 1, 2), list(errors)
 
 
-def batches(src, start: int, batch_size: int, workers: int | None, image_size: int, pin: bool):
+def batches(src, start: int, batch_size: int, workers: int | None, image_size: int, pin: bool, views: int = 0):
     """Yield (indices, inputs, errors) of the data source `src` from input `start` on, in order:
-    uint8 images (`collate_uint8`) or float features."""
+    uint8 images (`collate_uint8`) or float features. With `views`, each image comes with that many edited
+    views (`ghindex.database_views.view_stack`): 1 + views rows per index, and batch_size // (1 + views)
+    images per batch (at least one), so a forward pass holds about batch_size rows either way."""
     n = len(src)
     if src.kind == "features":
         for s in range(start, n, batch_size):
@@ -101,14 +113,20 @@ def batches(src, start: int, batch_size: int, workers: int | None, image_size: i
         return
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
-    transform = functools.partial(resized_uint8, image_size=image_size)
+    collate = collate_uint8
+    if views:
+        transform = functools.partial(view_stack, views=views, image_size=image_size)
+        collate = functools.partial(collate_uint8, item_shape=(1 + views, image_size, image_size, 3))
+        batch_size = max(1, batch_size // (1 + views))
+    else:
+        transform = functools.partial(resized_uint8, image_size=image_size)
     dataset = ImageDataset(src, transform, image_shape=(3, image_size, image_size))
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=range(start, n),
         num_workers=workers,
-        collate_fn=collate_uint8,
+        collate_fn=collate,
         pin_memory=pin,
         prefetch_factor=4 if workers else None,
     )

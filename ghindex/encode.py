@@ -41,6 +41,7 @@ def encode(
     device: str = "auto",
     precision: str = "auto",
     runtime: str = "auto",
+    views: int = 0,
     ids_from: int | None = None,
     strict: bool = False,
     resume: bool = False,
@@ -69,6 +70,11 @@ def encode(
     same features to about 1e-6 of their range, so codes agree except for bits whose value is that close
     to 0.
 
+    `views`: each code from the image and that many edited views of it (`ghindex.database_views`): an edited
+    copy of the image, searched for by an image query, lands nearer it (copies found: 0.908 with 0 views, 0.952
+    with 8, benchmarks/RESULTS.md "Copies"), at 1 + views backbone forwards per image. For database images;
+    queries need none. Recorded in the store: appends (and `add`) must use the same.
+
     Returns a summary: count (rows this data contributed), skipped, skipped_items, store_rows,
     seconds, rate (inputs/s processed by this call), resumed_from, device, precision, runtime, out.
 
@@ -76,7 +82,7 @@ def encode(
     into its own part and rank 0 merges them into `out` (`ghindex.sharded_encode`).
     """
     options = dict(
-        batch_size=batch_size, workers=workers, precision=precision, runtime=runtime, strict=strict,
+        batch_size=batch_size, workers=workers, precision=precision, runtime=runtime, views=views, strict=strict,
         with_paths=with_paths,
         checkpoint_seconds=checkpoint_seconds, checkpoint_rows=checkpoint_rows, pack=pack_signs,
     )

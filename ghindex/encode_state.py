@@ -120,6 +120,11 @@ def _max_id(store: CodeStore) -> int:
     return top
 
 
+def store_views(store: CodeStore) -> int:
+    """Edited views per image in a store's codes (`ghindex.database_views`; 0 for stores without the attribute)."""
+    return int(store.attrs.get("views", 0))
+
+
 def _describe_labels(shape) -> str:
     return "absent" if shape is None else ("single-label" if shape == () else f"multi-hot with {shape[0]} classes")
 
@@ -140,15 +145,20 @@ def _is_result_of(out: str, data_fingerprint: str, model_fingerprint: str) -> bo
         return False
 
 
+# Journal header entries that runs journaled before them did not write, with the value those runs had.
+HEADER_DEFAULTS = {"views": 0}
+
+
 def _resume_state(journal: Journal, saved: dict, run: _Run, out: str) -> dict:
     """Check the interrupted run matches this one; return its journal records to replay."""
     for key, value in run.header.items():
         if key == "out":
             continue
-        if saved.get(key) != value:
+        then = saved.get(key, HEADER_DEFAULTS.get(key))
+        if then != value:
             raise StoreError(
                 f"cannot resume into {out}: {key.replace('_', ' ')} differs from the interrupted run "
-                f"({saved.get(key)!r} then, {value!r} now); rerun with --overwrite to start over"
+                f"({then!r} then, {value!r} now); rerun with --overwrite to start over"
             )
     records = journal.records()
     _, _, _, header_end = next(records)
@@ -226,14 +236,17 @@ def _check_source(source, config, model, data) -> None:
         _check_ids(source.ids, f"{data}")
 
 
-def _append_base(out, source, data, config, model_fingerprint, label_shape, with_paths):
-    """Check that this data and model can be appended to the store OUT; return what the run takes from
-    it: (with_paths, base_info for the journal header, id_offset, class_names)."""
+def _append_base(out, source, data, config, model_fingerprint, label_shape, with_paths, views=0):
+    """Check that this data and model (with `views` edited views per image) can be appended to the store OUT;
+    return what the run takes from it: (with_paths, base_info for the journal header, id_offset, class_names)."""
     class_names = source.class_names
     id_offset = 0
     with CodeStore.open(out) as base:
         if base.bits != config.bits:
             raise StoreError(f"cannot append {config.bits}-bit codes to {out}, which holds {base.bits}-bit codes")
+        if store_views(base) != views:
+            raise StoreError(f"cannot append to {out}: its codes were encoded with {store_views(base)} edited views "
+                             f"per image, these with {views} (--views {store_views(base)})")
         if base.encoder_fingerprint != model_fingerprint:
             raise StoreError(
                 f"cannot append to {out}: it was encoded by a different model "

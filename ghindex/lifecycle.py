@@ -58,6 +58,7 @@ from .encode_state import (
     _max_id,
     load_source,
     source_fingerprint,
+    store_views,
 )
 from .errors import ConfigError, DataError, ModelFileError, StoreError
 from .ids import StoreLookup, parse_ids
@@ -185,10 +186,12 @@ def _encode_side(index_dir: Path, meta: dict, store: Path, model, data, *, root,
             "it, or discard it (--discard-pending)"
         )
     label_shape = None if source.labels is None else tuple(source.labels.shape[1:])
+    with CodeStore.open(store) as base:
+        views = store_views(base)  # new codes are made as the store's were
     with_paths, _, _, _ = _append_base(os.fspath(store), source, data, config, model_fp, label_shape,
-                                       source.paths is not None)
+                                       source.paths is not None, views)
     summary = encode(model, data, side, root=root, ids_from=ids_from, resume=True, with_paths=with_paths,
-                     **encode_options)
+                     views=views, **encode_options)
     _kill_point("add:encoded")
     return side, summary, ident
 

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .batching import BatchNormalizer, batches, normalize_batch
+from .database_views import check_views, combine_outputs
 from .device import autocast_context, exact_fp32, resolve_device, resolve_precision
 from .encoder import Encoder
 from .encode_state import (
@@ -91,7 +92,7 @@ def _fsync_dir(path: str) -> None:
 
 def encode_local(model, data, out, *, protocol, split, seed, root, batch_size, workers, device, precision, ids_from,
                  strict, resume, append, overwrite, with_paths, checkpoint_seconds, checkpoint_rows, progress,
-                 shard: tuple[int, int] | None = None, runtime: str = "auto",
+                 shard: tuple[int, int] | None = None, runtime: str = "auto", views: int = 0,
                  pack: Callable[[torch.Tensor], np.ndarray] = pack_signs) -> dict[str, Any]:
     """Encode every input of `data` with the model file `model` into the code store `out`, in this
     process. The arguments (their types and defaults) and the summary are those of
@@ -114,6 +115,7 @@ def encode_local(model, data, out, *, protocol, split, seed, root, batch_size, w
         raise ConfigError("overwrite cannot be combined with resume or append")
     if os.path.isdir(out):
         raise StoreError(f"{out} is a directory; --out must be a code store file")
+    views = check_views(views)
 
     config = Encoder.read_config(model)
     dev = resolve_device(device)
@@ -123,6 +125,8 @@ def encode_local(model, data, out, *, protocol, split, seed, root, batch_size, w
     if shard is not None:  # one process's part of a sharded run: inputs [start, stop), ids unchanged
         source = source.subset(np.arange(*shard), description=f"{source.description} inputs {shard[0]}:{shard[1]}")
     _check_source(source, config, model, data)
+    if views and source.kind != "images":
+        raise ConfigError(f"views need images to edit; {data} holds {source.kind}")
     with_paths = bool(with_paths and source.paths is not None)
     label_shape = None if source.labels is None else tuple(source.labels.shape[1:])
     model_fingerprint = file_fingerprint(model)
@@ -175,7 +179,7 @@ def encode_local(model, data, out, *, protocol, split, seed, root, batch_size, w
         class_names = source.class_names
         if append:
             with_paths, base_info, id_offset, class_names = _append_base(
-                out, source, data, config, model_fingerprint, label_shape, with_paths)
+                out, source, data, config, model_fingerprint, label_shape, with_paths, views)
         ids = source.item_ids.astype(np.int64) + id_offset
 
         header = {
@@ -186,6 +190,7 @@ def encode_local(model, data, out, *, protocol, split, seed, root, batch_size, w
             "inputs": len(source),
             "bits": config.bits,
             "precision": precision,
+            "views": views,
             "label_shape": None if label_shape is None else list(label_shape),
             "with_paths": with_paths,
             "append": bool(append),
@@ -198,6 +203,8 @@ def encode_local(model, data, out, *, protocol, split, seed, root, batch_size, w
             "image_size": config.image_size,
             "precision": precision,
         }
+        if views:  # edited views per image in each code (`ghindex.database_views`): `add` and appends use the same
+            store_attrs["views"] = views
         if class_names:
             store_attrs["class_names"] = list(class_names)
         if config.copy_radius is not None:  # the model's copy radius: `ghindex dedup --radius auto` reads it here
@@ -210,7 +217,7 @@ def encode_local(model, data, out, *, protocol, split, seed, root, batch_size, w
         if resume:
             state = _resume_state(journal, saved, run, out)
         return _run(journal, run, model, out, partial, dev, precision, runtime, batch_size, workers, strict,
-                    checkpoint_seconds, checkpoint_rows, progress, state, t0, data_fingerprint, append, pack)
+                    checkpoint_seconds, checkpoint_rows, progress, state, t0, data_fingerprint, append, pack, views)
     except OutputError as exc:
         exc.set_hint(_kept_hint(journal, len(source), exc))
         with contextlib.suppress(OSError):  # the journal holds its codes; --resume makes it again
@@ -237,7 +244,7 @@ def _kept_hint(journal: Journal, inputs: int, exc: OutputError) -> str:
 
 
 def _run(journal, run, model, out, partial, dev, precision, runtime, batch_size, workers, strict,
-         checkpoint_seconds, checkpoint_rows, progress, state, t0, data_fingerprint, append, pack) -> dict:
+         checkpoint_seconds, checkpoint_rows, progress, state, t0, data_fingerprint, append, pack, views) -> dict:
     header = run.header
     code_bytes = run.bits // 8
     skipped_items: list[dict] = []
@@ -271,7 +278,7 @@ def _run(journal, run, model, out, partial, dev, precision, runtime, batch_size,
 
         position, n_skipped, loop_start, runtime = _encode_loop(
             journal, store, run, model, dev, precision, runtime, batch_size, workers, strict,
-            checkpoint_seconds, checkpoint_rows, progress, position, n_skipped, skipped_items, pack,
+            checkpoint_seconds, checkpoint_rows, progress, position, n_skipped, skipped_items, pack, views,
         )
         processed = position - resumed_from
 
@@ -327,7 +334,7 @@ def _run(journal, run, model, out, partial, dev, precision, runtime, batch_size,
 
 
 def _encode_loop(journal, store, run, model_path, dev, precision, runtime, batch_size, workers, strict,
-                 checkpoint_seconds, checkpoint_rows, progress, position, n_skipped, skipped_items, pack):
+                 checkpoint_seconds, checkpoint_rows, progress, position, n_skipped, skipped_items, pack, views):
     from tqdm import tqdm
 
     src = run.source
@@ -374,7 +381,7 @@ def _encode_loop(journal, store, run, model_path, dev, precision, runtime, batch
     try:
         with torch.inference_mode(), exact:
             for idx, x, errors in batches(src, position, batch_size, workers, c.image_size,
-                                          pin=dev.type == "cuda"):
+                                          pin=dev.type == "cuda", views=views):
                 bad = [j for j, e in enumerate(errors) if e]
                 for j in bad:
                     i = int(idx[j])
@@ -391,8 +398,9 @@ def _encode_loop(journal, store, run, model_path, dev, precision, runtime, batch
                     n_skipped += 1
                     if len(skipped_items) < SUMMARY_SKIPPED_LIMIT:
                         skipped_items.append(_skip_item(run, i, reason))
-                if bad:
-                    keep = torch.as_tensor([j for j in range(len(errors)) if not errors[j]], dtype=torch.long)
+                if bad:  # each image's 1 + views rows
+                    keep = torch.as_tensor([j * (1 + views) + k for j in range(len(errors)) if not errors[j]
+                                            for k in range(1 + views)], dtype=torch.long)
                     x = x.index_select(0, keep)
                 if len(x):
                     x = x.to(dev, non_blocking=True)
@@ -405,9 +413,9 @@ def _encode_loop(journal, store, run, model_path, dev, precision, runtime, batch
                     else:
                         x = x.float()
                     with autocast_context(precision, dev):
-                        h = encoder.hash(x)
-                    pending_codes.append(pack(h.float()))
-                    pending_rows += len(x)
+                        h = combine_outputs(encoder.hash(x).float(), views)
+                    pending_codes.append(pack(h))
+                    pending_rows += len(h)
                 position = int(idx[-1]) + 1
                 bar.update(len(idx))
                 if n_skipped:
