@@ -37,7 +37,7 @@ from .output import echo_rows
                    "export is made once per model and cached in $GHINDEX_CACHE/onnx (~/.cache/ghindex/onnx).")
 @click.option("--views", type=click.IntRange(min=0, max=64), default=0, show_default=True,
               help="Make each code from the image and this many edited views of it (crops, colour, JPEG...): "
-                   "image queries find its edited copies more often (0.952 of a copy set with 8 views, 0.908 "
+                   "image queries find its edited copies more often (0.940 of a copy set with 8 views, 0.908 "
                    "with none), at 1 + views forwards per image. For database images; `add` uses the store's.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
 @click.option("--resume", is_flag=True,

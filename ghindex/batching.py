@@ -82,7 +82,7 @@ class BatchNormalizer:
 
 def collate_uint8(items, item_shape: tuple[int, ...] | None = None):
     """Collate `(i, (S, S, 3) uint8 image, error)` items into (indices, (N, 3, S, S) uint8, errors); items
-    of K images each, (K, S, S, 3) (`ghindex.database_views.view_stack`), give (N x K, 3, S, S), each item's
+    of K images each, (K, S, S, 3) (`view_stack`), give (N x K, 3, S, S), each item's
     rows together.
 
     Images are stacked as they are laid out (N, S, S, 3) and returned as an NCHW view of that memory,
@@ -103,7 +103,7 @@ def collate_uint8(items, item_shape: tuple[int, ...] | None = None):
 def batches(src, start: int, batch_size: int, workers: int | None, image_size: int, pin: bool, views: int = 0):
     """Yield (indices, inputs, errors) of the data source `src` from input `start` on, in order:
     uint8 images (`collate_uint8`) or float features. With `views`, each image comes with that many edited
-    views (`ghindex.database_views.view_stack`): 1 + views rows per index, and batch_size // (1 + views)
+    views (`view_stack`): 1 + views rows per index, and batch_size // (1 + views)
     images per batch (at least one), so a forward pass holds about batch_size rows either way."""
     n = len(src)
     if src.kind == "features":

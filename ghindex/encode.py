@@ -41,7 +41,6 @@ def encode(
     device: str = "auto",
     precision: str = "auto",
     runtime: str = "auto",
-    views: int = 0,
     ids_from: int | None = None,
     strict: bool = False,
     resume: bool = False,
@@ -51,6 +50,7 @@ def encode(
     checkpoint_seconds: float = 10.0,
     checkpoint_rows: int = 65536,
     progress: bool = True,
+    views: int = 0,
     _shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Encode every input of `data` with the model file `model` into the code store `out`.
@@ -71,7 +71,7 @@ def encode(
     to 0.
 
     `views`: each code from the image and that many edited views of it (`ghindex.database_views`): an edited
-    copy of the image, searched for by an image query, lands nearer it (copies found: 0.908 with 0 views, 0.952
+    copy of the image, searched for by an image query, lands nearer it (copies found: 0.908 with 0 views, 0.940
     with 8, benchmarks/RESULTS.md "Copies"), at 1 + views backbone forwards per image. For database images;
     queries need none. Recorded in the store: appends (and `add`) must use the same.
 

@@ -134,13 +134,13 @@ def _journal_header(journal: Journal) -> dict | None:
     return first[1] if first is not None and first[0] == Journal.HEADER else None
 
 
-def _is_result_of(out: str, data_fingerprint: str, model_fingerprint: str) -> bool:
-    """Is OUT a complete store whose last encode run read this data with this model?"""
+def _is_result_of(out: str, data_fingerprint: str, model_fingerprint: str, views: int = 0) -> bool:
+    """Is OUT a complete store whose last encode run read this data with this model (and `views`)?"""
     try:
         with CodeStore.open(out) as s:
             history = _history(s)
             return bool(history) and history[-1].get("data_fingerprint") == data_fingerprint \
-                and s.encoder_fingerprint == model_fingerprint
+                and s.encoder_fingerprint == model_fingerprint and store_views(s) == views
     except StoreError:
         return False
 

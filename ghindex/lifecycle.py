@@ -157,6 +157,8 @@ def _encode_side(index_dir: Path, meta: dict, store: Path, model, data, *, root,
     _check_source(source, config, model, data)
     ident = {"data_fingerprint": source_fingerprint(source), "model_fingerprint": model_fp,
              "source": source.description}
+    with CodeStore.open(store) as base:
+        views = store_views(base)  # new codes are made as the store's were
     side = side_store_path(index_dir)
     journal_path = Path(f"{side}.partial.journal")
     if discard_pending:
@@ -164,12 +166,12 @@ def _encode_side(index_dir: Path, meta: dict, store: Path, model, data, *, root,
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
     if _done_already(meta, ident):
-        if side.exists() and _is_result_of(os.fspath(side), ident["data_fingerprint"], model_fp):
+        if side.exists() and _is_result_of(os.fspath(side), ident["data_fingerprint"], model_fp, views):
             side.unlink()  # the add completed but was killed before removing its side store
         return side, None, ident
     # A side store or interrupted encode of other data belongs to another add that has not finished.
     other = None
-    if side.exists() and not _is_result_of(os.fspath(side), ident["data_fingerprint"], model_fp):
+    if side.exists() and not _is_result_of(os.fspath(side), ident["data_fingerprint"], model_fp, views):
         other = side
     elif journal_path.exists():
         journal = Journal(os.fspath(journal_path), os.fspath(side))
@@ -186,8 +188,6 @@ def _encode_side(index_dir: Path, meta: dict, store: Path, model, data, *, root,
             "it, or discard it (--discard-pending)"
         )
     label_shape = None if source.labels is None else tuple(source.labels.shape[1:])
-    with CodeStore.open(store) as base:
-        views = store_views(base)  # new codes are made as the store's were
     with_paths, _, _, _ = _append_base(os.fspath(store), source, data, config, model_fp, label_shape,
                                        source.paths is not None, views)
     summary = encode(model, data, side, root=root, ids_from=ids_from, resume=True, with_paths=with_paths,

@@ -162,7 +162,7 @@ def encode_local(model, data, out, *, protocol, split, seed, root, batch_size, w
             # Nothing to resume: nothing ran yet, or an earlier run finished and cleaned up.
             if os.path.exists(partial):
                 raise StoreError(f"cannot resume: {partial} has no usable journal; rerun with --overwrite to start over")
-            if os.path.exists(out) and _is_result_of(out, data_fingerprint, model_fingerprint):
+            if os.path.exists(out) and _is_result_of(out, data_fingerprint, model_fingerprint, views):
                 journal.truncate(0)
                 return _finished_summary(out, t0, dev, precision, source)
             if os.path.exists(out) and not append:

@@ -108,7 +108,8 @@ def encode_sharded(model, data, out, *, protocol=None, split=None, seed=0, root=
 
     # Every process decides from the same files; nothing changes them before the barrier below.
     leftovers = _leftovers(out)
-    if resume and os.path.exists(out) and _is_result_of(out, data_fingerprint, file_fingerprint(model)):
+    if resume and os.path.exists(out) and _is_result_of(out, data_fingerprint, file_fingerprint(model),
+                                                        options.get("views", 0)):
         # finished (perhaps killed after the merge's rename, before the parts were removed)
         for path in leftovers.get(world, []):
             if path in (os.path.abspath(parts[rank]) + suffix for suffix in ("", ".partial", ".partial.journal")):

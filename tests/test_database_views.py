@@ -111,6 +111,9 @@ def test_appends_and_resume_keep_the_stores_views(tmp_path, images, model, monke
     encode(model, images, again, views=2, resume=True, **RUN)
     with CodeStore.open(again) as s:
         np.testing.assert_array_equal(s.codes(), expected_codes(model, s.paths(), 2))
+    # a finished store of other views is not this run's result: --resume does not pass it off as done
+    with pytest.raises(StoreError, match="already exists and is not this run's result"):
+        encode(model, images, again, views=3, resume=True, **RUN)
 
 
 def test_add_encodes_new_images_as_the_store_was(tmp_path, images, model):
