@@ -19,7 +19,7 @@ from ghindex.lifecycle import add
 from ghindex.store import CodeStore
 from ghindex_cli.main import cli
 
-from test_encode import BAD, make_images
+from test_encode import BAD, make_images, model  # noqa: F401 - model: test_encode's smallcnn fixture
 
 RUN = dict(device="cpu", runtime="torch", workers=0, progress=False)  # torch: codes exactly as computed below
 
@@ -27,14 +27,6 @@ RUN = dict(device="cpu", runtime="torch", workers=0, progress=False)  # torch: c
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     return make_images(tmp_path_factory.mktemp("data") / "imgs", per_class=5)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "m.ghm"
-    ghindex.Encoder("smallcnn", 32, image_size=32).save(path)
-    return path
 
 
 def expected_codes(model_path, paths, views):
