@@ -14,7 +14,7 @@ import torch
 
 from .data import ImageDataset
 from .database_views import view_images
-from .images import normalize
+from .images import normalize, resized
 
 
 def resized_uint8(img, image_size: int) -> torch.Tensor:
@@ -25,11 +25,7 @@ def resized_uint8(img, image_size: int) -> torch.Tensor:
     and normalisation happen on the batch in the main process (`normalize_batch`) with the same
     elementwise operations, so codes are identical to `Encoder.encode`'s.
     """
-    from PIL import Image
-
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.BILINEAR)
-    return torch.from_numpy(np.array(img, dtype=np.uint8))
+    return torch.from_numpy(np.array(resized(img, image_size), dtype=np.uint8))
 
 
 def view_stack(img, views: int, image_size: int) -> torch.Tensor:

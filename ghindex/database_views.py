@@ -22,6 +22,7 @@ import torch
 
 from .augment import edited_views
 from .errors import ConfigError
+from .images import resized
 
 UNEDITED_WEIGHT = 0.5  # the un-edited image's share; the views' mean has the rest (chosen on validation)
 STREAM = "encode"  # `ghindex.augment.view_rng`'s stream: views apart from training's and the copy measures'
@@ -43,9 +44,7 @@ def view_key(pixels: np.ndarray) -> int:
 def view_images(img, views: int, image_size: int) -> list:
     """RGB PIL image -> [the image resized as the encoder resizes it, then its `views` edited views] (edited at
     that size, as training edits them; `batching.view_stack` turns them into the encoder's input)."""
-    from PIL import Image
-
-    base = img if img.size == (image_size, image_size) else img.resize((image_size, image_size), Image.BILINEAR)
+    base = resized(img, image_size)
     return [base] + edited_views(base, views, 0, view_key(np.asarray(base, dtype=np.uint8)), STREAM)
 
 

@@ -75,11 +75,15 @@ def load_image(path: str | os.PathLike | Image.Image | IO[bytes]) -> Image.Image
         raise ImageError(f"{name}: cannot decode image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
+def resized(img: Image.Image, image_size: int) -> Image.Image:
+    """The image at the model's input size, resized bilinearly (itself when already that size): the one resize
+    that encoding, training's edited views and the database views all go through."""
+    return img if img.size == (image_size, image_size) else img.resize((image_size, image_size), Image.BILINEAR)
+
+
 def image_to_tensor(img: Image.Image, image_size: int, mean, std) -> torch.Tensor:
     """RGB PIL image -> (3, image_size, image_size) float tensor, resized bilinearly and normalised."""
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.BILINEAR)
-    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+    x = torch.from_numpy(np.array(resized(img, image_size), dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
     return normalize(x, mean, std)
 
 

@@ -22,7 +22,6 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from .augment import edited_views
@@ -30,7 +29,7 @@ from .data import DataSource, collate
 from .encoder import Encoder
 from .errors import DataError, ImageError
 from .hashing import hamming_distances, pack_signs
-from .images import load_image
+from .images import load_image, resized
 from .train_inputs import FilledRows, _Preprocess
 from .train_state import TrainingState
 
@@ -66,7 +65,7 @@ class ViewDataset(torch.utils.data.Dataset):
         count = self.views + (1 if self.original else 0)
         try:
             # edits see the image as the model's input: resized the way `images.image_to_tensor` resizes it
-            img = load_image(self.source.paths[i]).resize((size, size), Image.BILINEAR)
+            img = resized(load_image(self.source.paths[i]), size)
         except ImageError as exc:
             return i, torch.zeros(count, 3, size, size), str(exc)
         edited = edited_views(img, self.views, self.seed, i, self.stream)
