@@ -34,8 +34,10 @@ Contenders, every code `--bits` (64) wide:
   ranking them by its weighted Hamming distance (`ghindex.hashing.weighted_hamming`: its bits weighed by
   |H|, what `ghindex query` and `serve` do for image queries); recall@1 only (no radius).
 - `views, database --views V`: the database encoded by `ghindex.encode(..., views=V)` (each code from the
-  image and V edited views of it, `ghindex.database_views`) for each V of `--db-views` (4,8), the queries as
-  above; Hamming and weighted, with the encode's seconds.
+  image and V edited views of it, `ghindex.database_views`) for each V of `--db-views` (0,4,8; 0 is a plain
+  `encode`), the queries as above; Hamming, weighted, and weighted with the store's bit confidences
+  (`ghindex.hashing.pack_confidences`: each differing bit also weighed by how sure the database code is of
+  it, as `ghindex query` and `serve` re-rank against a store that keeps them), with the encode's seconds.
 
 Measures, per contender: recall@1 of the original, tie-averaged (a query whose original shares the
 smallest distance with t-1 other images scores 1/t; 0 when anything is nearer), per edit and overall;
@@ -212,19 +214,24 @@ def model_outputs(model, feats: np.ndarray) -> np.ndarray:
                                for i in range(0, len(feats), 8192)])
 
 
-def weighted_map1000(q_outputs: np.ndarray, db_codes: np.ndarray, ql, dbl, chunk: int = 500) -> float:
+def weighted_map1000(q_outputs: np.ndarray, db_codes: np.ndarray, ql, dbl, chunk: int = 500,
+                     confidences: np.ndarray | None = None) -> float:
     """mAP@1000 (ghindex.metrics' definition: AP over the relevant items of the top 1,000, ties by
-    database position) of image queries ranked by weighted Hamming distance to the database codes.
-    The distances go through one matrix product per chunk here (10,000 x 50,000 pairs), equal to
+    database position) of image queries ranked by weighted Hamming distance to the database codes
+    (with `confidences`, the database's packed bit confidences, each differing bit also weighed by them).
+    The distances go through matrix products per chunk here (10,000 x 50,000 pairs), equal to
     `weighted_hamming`'s up to float rounding."""
-    from ghindex.hashing import unpack_bits
+    from ghindex.hashing import unpack_bits, unpack_confidences
 
-    bits = unpack_bits(db_codes, q_outputs.shape[1]).astype(np.float32)
+    nbits = q_outputs.shape[1]
+    bits = unpack_bits(db_codes, nbits).astype(np.float32)
+    sure = np.ones_like(bits) if confidences is None else unpack_confidences(confidences, nbits)
     aps = []
     for s in range(0, len(q_outputs), chunk):
         h = q_outputs[s:s + chunk]
         w, qb = np.abs(h), (h >= 0).astype(np.float32)
-        dist = (w * qb).sum(1, keepdims=True) + (w * (1 - 2 * qb)) @ bits.T
+        # bit k differs where qb + b - 2 qb b = 1: sum_k w (qb + b - 2 qb b) c
+        dist = (w * qb) @ sure.T + (w * (1 - 2 * qb)) @ (bits * sure).T
         top = np.argsort(dist, axis=1, kind="stable")[:, :1000]
         rel = dbl[top] == ql[s:s + chunk, None]
         hits = rel.sum(1)
@@ -458,8 +465,8 @@ def table(rows: list[dict], bits: int) -> str:
 
 
 def encoded_with_views(model, db_paths, views: int):
-    """(codes in database order, seconds): `ghindex.encode(..., views=views)` of the database images (the
-    32 px files, which encode resizes to 128 px bilinearly as `upscale` does)."""
+    """(codes, packed bit confidences, both in database order, seconds): `ghindex.encode(..., views=views)` of
+    the database images (the 32 px files, which encode resizes to 128 px bilinearly as `upscale` does)."""
     import tempfile
 
     from ghindex.encode import encode
@@ -474,11 +481,11 @@ def encoded_with_views(model, db_paths, views: int):
         encode(model_path, listing, store, views=views, progress=False)
         seconds = round(time.perf_counter() - t0, 1)
         with CodeStore.open(store) as s:
-            codes, ids = s.codes(), s.ids()
+            codes, ids, confidences = s.codes(), s.ids(), s.confidences()
     if not np.array_equal(ids, np.arange(len(db_paths))):
         raise SystemExit(f"encode --views {views} skipped database images: {len(ids)} of {len(db_paths)} encoded")
     log(f"database encoded with {views} views per image: {seconds} s")
-    return codes, seconds
+    return codes, confidences, seconds
 
 
 def dedup_set(folder: str, model, db_paths, queries, originals) -> None:
@@ -524,7 +531,7 @@ def main(argv=None) -> None:
     ap.add_argument("--semantic-subset", type=int, default=0,
                     help="cifar10-II on a seeded N training and N/5 test images only (smoke runs; 0 = all)")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: ghindex's)")
-    ap.add_argument("--db-views", default="4,8", help="views per database image of the `encode --views` rows "
+    ap.add_argument("--db-views", default="0,4,8", help="views per database image of the `encode --views` rows "
                     "('' for none)")
     ap.add_argument("--cifar10-i", default=None, metavar="BITS",
                     help="ONLY the cifar10-I cells at these bits (e.g. 16,32,64), next to CIBHash's table; no copies")
@@ -599,13 +606,17 @@ def main(argv=None) -> None:
             dedup_set(args.dedup_out, model, db_paths, queries, originals)
         if objective == "views":
             for views in [int(v) for v in args.db_views.split(",") if v.strip()]:
-                db_codes, encode_seconds = encoded_with_views(model, db_paths, views)
+                db_codes, db_sure, encode_seconds = encoded_with_views(model, db_paths, views)
                 m = copy_measures(hamming_distances(model_codes(model, m_q), db_codes), originals, edits,
                                   copy_radius=radius)
                 record(f"views, database --views {views}", m, db_views=views, encode_seconds=encode_seconds)
+                q_out = model_outputs(model, m_q)
                 record(f"views, database --views {views}, weighted",
-                       copy_measures(weighted_hamming(model_outputs(model, m_q), db_codes), originals, edits,
-                                     hamming=False), db_views=views)
+                       copy_measures(weighted_hamming(q_out, db_codes), originals, edits, hamming=False),
+                       db_views=views)
+                record(f"views, database --views {views}, weighted with bit confidences",
+                       copy_measures(weighted_hamming(q_out, db_codes, db_sure), originals, edits, hamming=False),
+                       db_views=views)
     for kind in ("phash", "dhash", "whash"):
         t0 = time.perf_counter()
         db_codes, q_codes = perceptual_codes(kind, db_images), perceptual_codes(kind, queries)
@@ -624,6 +635,11 @@ def main(argv=None) -> None:
         train_feats = features(enc, source.paths) if args.semantic_subset else feats[np.flatnonzero(is_train)[train_idx]]
         q, db = feats[~is_train], feats[is_train]
         ql, dbl = labels[~is_train], labels[is_train]
+        import torch
+
+        from ghindex.database_views import code_confidences
+        from ghindex.hashing import pack_confidences
+
         own_pool = {}  # detail layer -> (queries, database) features through a model's own backbone
         cells = []
         for bits in semantic_bits:
@@ -647,8 +663,12 @@ def main(argv=None) -> None:
                     mq, mdb = own_pool[detail]
                 db_codes = model_codes(model, mdb)
                 cells.append((objective, bits, map1000(model_codes(model, mq), db_codes, ql, dbl), seconds))
-                cells.append((f"{objective}, weighted", bits, weighted_map1000(model_outputs(model, mq), db_codes, ql, dbl),
-                              seconds))
+                q_out, db_out = model_outputs(model, mq), model_outputs(model, mdb)
+                cells.append((f"{objective}, weighted", bits, weighted_map1000(q_out, db_codes, ql, dbl), seconds))
+                # the confidences `encode` stores with these codes (`ghindex.database_views.code_confidences`)
+                db_sure = pack_confidences(code_confidences(torch.from_numpy(db_out), 0))
+                cells.append((f"{objective}, weighted with bit confidences", bits,
+                              weighted_map1000(q_out, db_codes, ql, dbl, confidences=db_sure), seconds))
             q_codes, db_codes = itq_codes(train_feats, [q, db], bits)
             cells.append(("itq", bits, map1000(q_codes, db_codes, ql, dbl), None))
         print(f"\n| cifar10-II mAP@1000, 128 px ({args.n_train} training images) | "

@@ -48,6 +48,14 @@ def view_images(img, views: int, image_size: int) -> list:
     return [base] + edited_views(base, views, 0, view_key(np.asarray(base, dtype=np.uint8)), STREAM)
 
 
+def code_confidences(values: torch.Tensor, views: int) -> torch.Tensor:
+    """`combine_outputs`' values -> how sure each bit of the codes they give is, in [0, 1]: |tanh(H)| of the
+    un-edited image (views = 0), or the magnitude of the views' combination (already of tanh values), so a bit
+    the image's edited views disagree on is unsure. Stored with the codes (`hashing.pack_confidences`)."""
+    values = values.float()
+    return (torch.tanh(values) if views == 0 else values).abs()
+
+
 def combine_outputs(h: torch.Tensor, views: int) -> torch.Tensor:
     """Hash outputs of (N x (1 + views), bits) rows, each image's un-edited row first, -> (N, bits) values
     whose signs are the images' codes."""

@@ -67,6 +67,16 @@ class _Run:
     header: dict
     store_attrs: dict
 
+    @property
+    def confidences(self) -> bool:
+        """Does the store keep each code's bit confidences (`hashing.pack_confidences`)? Then every journaled
+        and appended row is its code followed by its confidences (`row_bytes`)."""
+        return bool(self.header.get("confidences", HEADER_DEFAULTS["confidences"]))
+
+    @property
+    def row_bytes(self) -> int:
+        return self.bits // 8 * (3 if self.confidences else 1)
+
     def rows_of(self, start: int, stop: int, skipped_idx) -> np.ndarray:
         idx = np.arange(start, stop, dtype=np.int64)
         if len(skipped_idx):
@@ -74,18 +84,21 @@ class _Run:
         return idx
 
 
-def _apply_chunk(store: CodeStore, run: _Run, start: int, stop: int, codes: np.ndarray,
+def _apply_chunk(store: CodeStore, run: _Run, start: int, stop: int, rows: np.ndarray,
                  skipped: list[tuple[int, str]]) -> None:
-    """Append inputs [start, stop) minus `skipped` to the store (used live and when replaying)."""
+    """Append inputs [start, stop) minus `skipped` to the store (used live and when replaying); `rows`: their
+    codes, each followed by its confidences when the run keeps them (`_Run.row_bytes`)."""
     src = run.source
     idx = run.rows_of(start, stop, [i for i, _ in skipped])
-    if len(idx) != len(codes):
-        raise StoreError(f"{store.path}: journal chunk {start}:{stop} has {len(codes)} codes for {len(idx)} rows")
+    if len(idx) != len(rows):
+        raise StoreError(f"{store.path}: journal chunk {start}:{stop} has {len(rows)} codes for {len(idx)} rows")
+    code_bytes = run.bits // 8
     store.append(
-        codes,
+        rows[:, :code_bytes],
         run.ids[idx],
         None if run.label_shape is None else src.labels[idx],
         [src.paths[i] for i in idx] if run.with_paths else None,
+        rows[:, code_bytes:] if run.confidences else None,
     )
     if skipped:
         store.add_skipped(
@@ -146,7 +159,7 @@ def _is_result_of(out: str, data_fingerprint: str, model_fingerprint: str, views
 
 
 # Journal header entries that runs journaled before them did not write, with the value those runs had.
-HEADER_DEFAULTS = {"views": 0}
+HEADER_DEFAULTS = {"views": 0, "confidences": False}
 
 
 def _resume_state(journal: Journal, saved: dict, run: _Run, out: str) -> dict:
@@ -212,7 +225,7 @@ def _open_partial(run: _Run, out: str, partial: str, model_fingerprint: str) -> 
     return CodeStore.create(
         partial, run.bits, encoder_fingerprint=model_fingerprint, source=run.source.description,
         label_shape=run.label_shape, with_paths=run.with_paths, attrs=run.store_attrs, overwrite=True,
-        paths_root=run.source.root,
+        paths_root=run.source.root, confidences=run.confidences,
     )
 
 
@@ -238,7 +251,8 @@ def _check_source(source, config, model, data) -> None:
 
 def _append_base(out, source, data, config, model_fingerprint, label_shape, with_paths, views=0):
     """Check that this data and model (with `views` edited views per image) can be appended to the store OUT;
-    return what the run takes from it: (with_paths, base_info for the journal header, id_offset, class_names)."""
+    return what the run takes from it: (with_paths, base_info for the journal header, id_offset, class_names).
+    base_info says whether the store keeps bit confidences: the appended rows do as the store does."""
     class_names = source.class_names
     id_offset = 0
     with CodeStore.open(out) as base:
@@ -262,7 +276,7 @@ def _append_base(out, source, data, config, model_fingerprint, label_shape, with
         if base.has_paths and not with_paths:
             raise StoreError(f"cannot append to {out}: it stores paths and this data has none (or with_paths=False)")
         with_paths = base.has_paths
-        base_info = {"base_fingerprint": base.fingerprint, "base_rows": len(base)}
+        base_info = {"base_fingerprint": base.fingerprint, "base_rows": len(base), "confidences": base.has_confidences}
         if source.ids is None:
             id_offset = _max_id(base) + 1
         else:

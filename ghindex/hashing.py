@@ -90,7 +90,37 @@ def hamming_distances(queries: np.ndarray, database: np.ndarray) -> np.ndarray:
     return np.bitwise_count(xor).sum(axis=2, dtype=np.int32)
 
 
-def weighted_hamming(projections, candidates: np.ndarray) -> np.ndarray:
+CONFIDENCE_LEVELS = 4  # per bit: 2 bits, kept as two bit planes the width of a code
+
+
+def pack_confidences(confidences) -> np.ndarray:
+    """How sure each bit of a database code is, (N, nbits) values in [0, 1], -> (N, 2 x nbits/8) uint8: each
+    bit's level floor(4 x value) (at most 3) as two bit planes packed like codes, the high plane first.
+
+    Why stored: a weighted distance that also discounts the bits a database image is unsure of (ones an edit
+    flips) finds edited copies better than |H| of the query alone (`weighted_hamming`); four levels keep
+    nearly all of it at a quarter of a float's bits per bit (benchmarks/RESULTS.md, "Copies")."""
+    if isinstance(confidences, torch.Tensor):
+        confidences = confidences.detach().cpu().float().numpy()
+    c = np.asarray(confidences, np.float32)
+    level = np.minimum(np.floor(np.clip(c, 0.0, 1.0) * CONFIDENCE_LEVELS), CONFIDENCE_LEVELS - 1).astype(np.uint8)
+    return np.concatenate([pack_bits(level >> 1), pack_bits(level & 1)], axis=1)
+
+
+def unpack_confidences(packed: np.ndarray, nbits: int) -> np.ndarray:
+    """Inverse of `pack_confidences` up to its levels: (N, 2 x nbits/8) uint8 -> (N, nbits) float32 weights,
+    each the middle of its level ((level + 0.5) / 4)."""
+    packed = np.asarray(packed)
+    nbits = check_bits(nbits)
+    if packed.dtype != np.uint8 or packed.ndim != 2 or packed.shape[1] != nbits // 4:
+        raise ConfigError(f"packed confidences of {nbits}-bit codes must be (N, {nbits // 4}) uint8, "
+                          f"got {packed.dtype} {packed.shape}")
+    half = nbits // 8
+    level = 2 * unpack_bits(packed[:, :half], nbits) + unpack_bits(packed[:, half:], nbits)
+    return (level.astype(np.float32) + 0.5) / CONFIDENCE_LEVELS
+
+
+def weighted_hamming(projections, candidates: np.ndarray, confidences: np.ndarray | None = None) -> np.ndarray:
     """Asymmetric distances of queries given as continuous hash outputs H to packed codes: for each
     query q and candidate code c, the sum of |H_qk| over the bits k where c differs from the query's
     own code (bit k = H_qk >= 0, as `pack_signs`).
@@ -103,6 +133,10 @@ def weighted_hamming(projections, candidates: np.ndarray) -> np.ndarray:
     `projections`: (Q, bits) floats; `candidates`: (Q, K, code_bytes) packed codes, K per query
     (e.g. a Hamming search's neighbours), or (N, code_bytes) shared by every query. Returns (Q, K) or
     (Q, N) float32.
+
+    `confidences` (optional): the candidates' packed bit confidences (`pack_confidences`), shaped like
+    `candidates` with twice the bytes; each differing bit then costs |H_qk| x the candidate's confidence in
+    bit k, so a bit the database image itself is unsure of costs less too.
     """
     h = np.asarray(projections, np.float32)
     candidates = np.asarray(candidates, np.uint8)
@@ -113,16 +147,25 @@ def weighted_hamming(projections, candidates: np.ndarray) -> np.ndarray:
         raise ConfigError(f"codes of {candidates.shape[-1]} bytes do not hold {nbits}-bit projections")
     query_bits = h >= 0
     weights = np.abs(h)
+    if confidences is not None:
+        confidences = np.asarray(confidences, np.uint8)
+        if confidences.shape != candidates.shape[:-1] + (2 * candidates.shape[-1],):
+            raise ConfigError(f"confidences of shape {confidences.shape} do not match candidates of shape "
+                              f"{candidates.shape} (they hold twice the bytes of each code)")
 
-    def sums(packed: np.ndarray) -> np.ndarray:  # packed: (Q or 1, K, code_bytes) -> (Q, K)
+    def sums(packed: np.ndarray, sure: np.ndarray | None) -> np.ndarray:  # packed: (Q or 1, K, code_bytes) -> (Q, K)
         bits = unpack_bits(packed.reshape(-1, packed.shape[-1]), nbits).astype(bool).reshape(*packed.shape[:2], nbits)
-        return ((bits != query_bits[:, None, :]) * weights[:, None, :]).sum(2, dtype=np.float32)
+        differ = (bits != query_bits[:, None, :]) * weights[:, None, :]
+        if sure is not None:
+            differ = differ * unpack_confidences(sure.reshape(-1, sure.shape[-1]), nbits).reshape(*sure.shape[:2], nbits)
+        return differ.sum(2, dtype=np.float32)
 
     if candidates.ndim == 2:  # one candidate set for all queries: in chunks, through the same sums
         out = np.empty((h.shape[0], candidates.shape[0]), np.float32)
         for start in range(0, candidates.shape[0], 1024):
-            out[:, start:start + 1024] = sums(candidates[None, start:start + 1024])
+            sure = None if confidences is None else confidences[None, start:start + 1024]
+            out[:, start:start + 1024] = sums(candidates[None, start:start + 1024], sure)
         return out
     if candidates.ndim != 3 or candidates.shape[0] != h.shape[0]:
         raise ConfigError(f"candidates must be (queries, K, code bytes) for {h.shape[0]} queries, got {candidates.shape}")
-    return sums(candidates)
+    return sums(candidates, confidences)

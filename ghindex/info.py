@@ -79,6 +79,7 @@ def describe_store(path: str) -> dict[str, Any]:
             "paths": s.has_paths,
             "paths_relative": s.has_paths and s.relative_paths,
             "images_link": s.images_link(),
+            "bit_confidences": s.has_confidences,
             "skipped": s.num_skipped,
             "deleted": s.num_deleted,
             "skipped_examples": skipped[:SKIPPED_EXAMPLES],

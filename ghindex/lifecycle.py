@@ -61,6 +61,7 @@ from .encode_state import (
     store_views,
 )
 from .errors import ConfigError, DataError, ModelFileError, StoreError
+from .hashing import pack_confidences
 from .ids import StoreLookup, parse_ids
 from .index.builder import _IndexBuilder
 from .index.core import Index
@@ -121,8 +122,10 @@ def _joinable(base, side, side_name: str, keep_ids: bool) -> None:
             raise DataError(f"{where}: id {clash} is already in the store (ids are never reused; drop keep_ids)")
 
 
-def _side_rows(side, id_offset: int, with_paths: bool):
-    """The live rows of the side store in chunks: (codes, ids + id_offset, labels, paths)."""
+def _side_rows(side, id_offset: int, with_paths: bool, with_confidences: bool):
+    """The live rows of the side store in chunks: (codes, ids + id_offset, labels, paths, confidences).
+    With `with_confidences` and a side store without them (codes made elsewhere), each bit is given the
+    highest level: as sure as the store's surest bits, so their ranking is what it was without confidences."""
     deleted = side.deleted()
     start = 0
     for batch in side.iter_chunks(rows=_READ_ROWS, paths=with_paths):
@@ -130,7 +133,11 @@ def _side_rows(side, id_offset: int, with_paths: bool):
         start += len(batch.ids)
         paths = [p for p, k in zip(batch.paths, keep) if k] if with_paths else None
         labels = None if batch.labels is None else batch.labels[keep]
-        yield batch.codes[keep], batch.ids[keep].astype(np.int64) + id_offset, labels, paths
+        confidences = None
+        if with_confidences:
+            confidences = (batch.confidences[keep] if batch.confidences is not None
+                           else pack_confidences(np.ones((int(keep.sum()), side.bits), np.float32)))
+        yield batch.codes[keep], batch.ids[keep].astype(np.int64) + id_offset, labels, paths, confidences
 
 
 def _encode_side(index_dir: Path, meta: dict, store: Path, model, data, *, root, ids_from, discard_pending,
@@ -283,8 +290,8 @@ def _add_side(index_dir: Path, meta: dict, store: Path, side: Path, ident: dict,
         id_range = [None, None]
 
         def append_rows(target) -> None:
-            for codes, ids, labels, paths in _side_rows(new_rows, id_offset, with_paths):
-                target.append(codes, ids, labels if base.has_labels else None, paths)
+            for codes, ids, labels, paths, sure in _side_rows(new_rows, id_offset, with_paths, base.has_confidences):
+                target.append(codes, ids, labels if base.has_labels else None, paths, sure)
                 id_range[0] = int(ids.min()) if id_range[0] is None else min(id_range[0], int(ids.min()))
                 id_range[1] = int(ids.max()) if id_range[1] is None else max(id_range[1], int(ids.max()))
             if skipped:
@@ -302,7 +309,7 @@ def _add_side(index_dir: Path, meta: dict, store: Path, side: Path, ident: dict,
         drift_sample = _drift_sample_positions(index, count)
         distances = []
         position = 0
-        for codes, ids, _, _ in _side_rows(new_rows, id_offset, False):
+        for codes, ids, _, _, _ in _side_rows(new_rows, id_offset, False, False):
             if drift_sample is not None:
                 lo, hi = np.searchsorted(drift_sample, [position, position + len(codes)])
                 distances.append(centroid_distances(index, codes[drift_sample[lo:hi] - position]))

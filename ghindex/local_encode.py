@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .batching import BatchNormalizer, batches, normalize_batch
-from .database_views import check_views, combine_outputs
+from .database_views import check_views, code_confidences, combine_outputs
 from .device import autocast_context, exact_fp32, resolve_device, resolve_precision
 from .encoder import Encoder
 from .encode_state import (
@@ -61,7 +61,7 @@ from .encode_state import (
     source_fingerprint,
 )
 from .errors import ConfigError, ImageError, OutputError, StoreError
-from .hashing import pack_signs
+from .hashing import pack_confidences, pack_signs
 from .io import file_fingerprint, writing
 from .journal import JOURNAL_VERSION, Journal
 from .runtime import resolve_runtime, use_runtime
@@ -191,6 +191,9 @@ def encode_local(model, data, out, *, protocol, split, seed, root, batch_size, w
             "bits": config.bits,
             "precision": precision,
             "views": views,
+            # each code's bit confidences go into the store (`hashing.pack_confidences`); an interrupted run
+            # journaled before they existed resumes without them, an append does as its store (base_info)
+            "confidences": saved.get("confidences", False) if saved is not None else True,
             "label_shape": None if label_shape is None else list(label_shape),
             "with_paths": with_paths,
             "append": bool(append),
@@ -246,7 +249,6 @@ def _kept_hint(journal: Journal, inputs: int, exc: OutputError) -> str:
 def _run(journal, run, model, out, partial, dev, precision, runtime, batch_size, workers, strict,
          checkpoint_seconds, checkpoint_rows, progress, state, t0, data_fingerprint, append, pack, views) -> dict:
     header = run.header
-    code_bytes = run.bits // 8
     skipped_items: list[dict] = []
     n_skipped = 0
     position = 0
@@ -261,7 +263,7 @@ def _run(journal, run, model, out, partial, dev, precision, runtime, batch_size,
             for kind, meta, blob, rec_end in state["records"]:
                 if kind != Journal.CHUNK or meta.get("start") != position:
                     break
-                codes = np.frombuffer(blob, dtype=np.uint8).reshape(-1, code_bytes)
+                codes = np.frombuffer(blob, dtype=np.uint8).reshape(-1, run.row_bytes)
                 skipped = [(int(i), str(r)) for i, r in meta["skipped"]]
                 _apply_chunk(store, run, meta["start"], meta["stop"], codes, skipped)
                 for i, reason in skipped:
@@ -364,7 +366,7 @@ def _encode_loop(journal, store, run, model_path, dev, precision, runtime, batch
         nonlocal pending_codes, pending_skipped, pending_start, pending_rows, last_commit
         if stop == pending_start:
             return
-        codes = np.concatenate(pending_codes) if pending_codes else np.empty((0, run.bits // 8), np.uint8)
+        codes = np.concatenate(pending_codes) if pending_codes else np.empty((0, run.row_bytes), np.uint8)
         start, skipped = pending_start, pending_skipped
         # Journal first (durable), then the store: a kill between the two loses nothing, and the
         # store is rebuilt from the journal on resume anyway.
@@ -414,7 +416,10 @@ def _encode_loop(journal, store, run, model_path, dev, precision, runtime, batch
                         x = x.float()
                     with autocast_context(precision, dev):
                         h = combine_outputs(encoder.hash(x).float(), views)
-                    pending_codes.append(pack(h))
+                    rows = pack(h)
+                    if run.confidences:
+                        rows = np.concatenate([rows, pack_confidences(code_confidences(h, views))], axis=1)
+                    pending_codes.append(rows)
                     pending_rows += len(h)
                 position = int(idx[-1]) + 1
                 bar.update(len(idx))

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,6 +125,8 @@ class Searcher:
         self.store, self.db = None, None
         self.encoder, self.model_path = None, None
         self.codes_by_id = None  # ids -> codes from memory (ghindex.index.lookup), with the store
+        self._confidences: np.ndarray | None = None  # the store's bit confidences, read at the first re-ranking
+        self._confidences_lock = threading.Lock()
         meta = self.index.meta
         self.store_path = store_path_of(self.index.path, meta)
         if self.store_path and os.path.exists(self.store_path):
@@ -185,6 +188,7 @@ class Searcher:
         if self.store is not None:
             self.store.close()
             self.store, self.db, self.codes_by_id = None, None, None
+            self._confidences = None
 
     def __enter__(self) -> "Searcher":
         return self
@@ -231,18 +235,38 @@ class Searcher:
             raise ConfigError("images need a model to encode them (--model)")
         return self.encoder.hash_outputs(list(images), batch_size=batch_size)
 
+    def bit_confidences(self) -> np.ndarray | None:
+        """Every stored row's packed bit confidences (`ghindex.hashing.pack_confidences`), read from the store
+        once and kept (bits/4 bytes a row); None when the store keeps none (codes made before them)."""
+        with self._confidences_lock:
+            if self._confidences is None and self.store is not None and self.store.has_confidences:
+                self._confidences = self.store.confidences()
+            return self._confidences
+
     def rerank_distances(self, projections: np.ndarray, found: np.ndarray) -> np.ndarray:
         """(Q, K) weighted Hamming distances (`ghindex.hashing.weighted_hamming`) of the queries whose hash
         outputs are `projections` to the neighbours `found` (ids; -1: none, at infinity), whose codes come
-        from memory (`codes_by_id`)."""
+        from memory (`codes_by_id`), each differing bit also weighed by the neighbour's confidence in it
+        where the store keeps them (`bit_confidences`)."""
         if self.codes_by_id is None:
             raise StoreError(f"index {self.name} has no code store to read the neighbours' codes from for "
                              f"re-ranking (recorded: {self.store_path or 'none'}): pass rerank=0")
         valid = found >= 0
-        codes = np.zeros(found.shape + (self.index.code_bytes,), np.uint8)
+        width = self.index.code_bytes
+        codes = np.zeros(found.shape + (width,), np.uint8)
+        stored = self.bit_confidences()
+        # rows without one (none found, or a row the store gained after it was read): the highest level
+        sure = None if stored is None else np.full(found.shape + (2 * width,), 0xFF, np.uint8)
         if valid.any():
-            codes[valid] = self.codes_by_id(found[valid]).codes
-        return np.where(valid, weighted_hamming(projections, codes), np.inf).astype(np.float32)
+            looked_up = self.codes_by_id(found[valid])
+            codes[valid] = looked_up.codes
+            if sure is not None:
+                rows = looked_up.rows
+                known = rows < len(stored)
+                picked = np.full((len(rows), 2 * width), 0xFF, np.uint8)
+                picked[known] = stored[rows[known]]
+                sure[valid] = picked
+        return np.where(valid, weighted_hamming(projections, codes, sure), np.inf).astype(np.float32)
 
     def codes_for_ids(self, ids) -> "Queries":
         """The stored codes of `ids` and their query records, looked up from memory in one call

@@ -56,6 +56,7 @@ def merge_parts(parts: list[str], out: str, description: str, data_fingerprint: 
     """Copy the complete part stores, in order, into OUT (temporary file + rename). Returns its rows."""
     with CodeStore.open(parts[0]) as first:
         bits, encoder, label_shape, with_paths = first.bits, first.encoder_fingerprint, first.label_shape, first.has_paths
+        confidences = first.has_confidences
         attrs = {k: v for k, v in first.attrs.items() if k not in _RESERVED_ATTRS and k != "history"}
         history = json.loads(first.attrs.get("history") or "[]")
         paths_root = first.images_root()  # paths stay relative to the same folder
@@ -63,15 +64,17 @@ def merge_parts(parts: list[str], out: str, description: str, data_fingerprint: 
     rows = skipped = 0
     with atomic_path(out, suffix=".merging") as tmp:
         dst = CodeStore.create(tmp, bits, encoder_fingerprint=encoder, source=description, label_shape=label_shape,
-                               with_paths=with_paths, attrs=attrs, overwrite=True, paths_root=paths_root)
+                               with_paths=with_paths, attrs=attrs, overwrite=True, paths_root=paths_root,
+                               confidences=confidences)
         try:
             for path in parts:
                 with CodeStore.open(path) as part:
-                    if (part.bits, part.encoder_fingerprint, part.label_shape, part.has_paths) != \
-                            (bits, encoder, label_shape, with_paths):
-                        raise StoreError(f"{path} does not match {parts[0]} (bits, model, labels or paths differ)")
+                    if (part.bits, part.encoder_fingerprint, part.label_shape, part.has_paths, part.has_confidences) != \
+                            (bits, encoder, label_shape, with_paths, confidences):
+                        raise StoreError(f"{path} does not match {parts[0]} (bits, model, labels, paths or bit "
+                                         "confidences differ)")
                     for batch in part.iter_chunks():
-                        dst.append(batch.codes, batch.ids, batch.labels, batch.paths)
+                        dst.append(batch.codes, batch.ids, batch.labels, batch.paths, batch.confidences)
                     gone = part.skipped()
                     if gone:
                         dst.add_skipped([g["position"] for g in gone], [g["path"] for g in gone],

@@ -7,6 +7,9 @@ Layout (format_version 1, or 2 when the paths are relative: see below)::
     /ids              int64 (N,): the id each code is known by (search results return these).
     /labels           optional: int64 (N,) class indices, or uint8 (N, C) multi-hot rows.
     /paths            optional: variable-length strings (N,), the image each code came from.
+    /confidences      optional: uint8 (N, bits/4), how sure each bit of each code is, in 4 levels kept as two
+                      bit planes (`ghindex.hashing.pack_confidences`); `encode` writes them and image
+                      queries' re-ranking weighs differing bits by them (`weighted_hamming`).
     /skipped/{position,path,reason}   inputs that could not be encoded (int64, str, str).
     /deleted          optional: uint8 (N,), 1 where a row was removed (`ghindex remove`); such rows keep
                       their id (never reused) but no index built from the store holds them.
@@ -138,6 +141,7 @@ class CodeStore(StoreWriting):
         attrs: dict[str, Any] | None = None,
         overwrite: bool = False,
         paths_root: str | os.PathLike | None = None,
+        confidences: bool = False,
     ) -> "CodeStore":
         """Create an empty, incomplete store for `bits`-bit codes.
 
@@ -145,7 +149,8 @@ class CodeStore(StoreWriting):
         `attrs`: extra provenance attributes (class_names, protocol, model path...). An existing file
         is refused unless `overwrite`. `paths_root` (with `with_paths`): the folder the inputs come
         from; paths under it are stored relative to it and it relative to the store (format version 2,
-        see the module docstring). Failing to write raises OutputError.
+        see the module docstring). `confidences`: rows carry their bits' confidences (`append(confidences=)`).
+        Failing to write raises OutputError.
         """
         import h5py
 
@@ -180,6 +185,9 @@ class CodeStore(StoreWriting):
                 c = label_shape[0]
                 f.create_dataset("labels", shape=(0, c), maxshape=(None, c), dtype=np.uint8,
                                  chunks=(max(1, min(chunk_rows, CHUNK_BYTES // c)), c))
+            if confidences:
+                f.create_dataset("confidences", shape=(0, 2 * code_bytes), maxshape=(None, 2 * code_bytes),
+                                 dtype=np.uint8, chunks=(chunk_rows, 2 * code_bytes))
             if with_paths:
                 f.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"),
                                  chunks=(min(chunk_rows, 4096),))
@@ -268,7 +276,11 @@ class CodeStore(StoreWriting):
             if order != BIT_ORDER:
                 raise StoreError(f"{name}: bit order {order!r} is not supported (expected {BIT_ORDER!r})")
             n = codes.shape[0]
-            for key in ("ids", "labels", "paths", "deleted"):
+            if "confidences" in f and (f["confidences"].dtype != np.uint8 or f["confidences"].ndim != 2
+                                       or f["confidences"].shape[1] * 4 != bits):
+                raise StoreError(f"{name}: confidences dataset {f['confidences'].dtype} {f['confidences'].shape} "
+                                 f"does not hold the confidences of {bits}-bit codes (damaged store)")
+            for key in ("ids", "labels", "paths", "deleted", "confidences"):
                 if key in f and f[key].shape[0] != n:
                     raise StoreError(f"{name}: {key} has {f[key].shape[0]} rows but codes has {n} (damaged store)")
             if not allow_incomplete and not bool(f.attrs.get("complete", False)):
@@ -325,6 +337,10 @@ class CodeStore(StoreWriting):
     def label_shape(self) -> tuple | None:
         """None (no labels), () single-label, or (C,) multi-hot."""
         return tuple(self._f["labels"].shape[1:]) if self.has_labels else None
+
+    @property
+    def has_confidences(self) -> bool:
+        return "confidences" in self._f
 
     @property
     def has_paths(self) -> bool:
@@ -423,12 +439,14 @@ class CodeStore(StoreWriting):
         try:
             labels = f["labels"][start:stop] if self.has_labels else None
             names = self._resolve(_decode_paths(f["paths"][start:stop])) if (paths and self.has_paths) else None
-            return CodeBatch(f["codes"][start:stop], f["ids"][start:stop], labels, names)
+            sure = f["confidences"][start:stop] if self.has_confidences else None
+            return CodeBatch(f["codes"][start:stop], f["ids"][start:stop], labels, names, sure)
         except OSError as exc:
             raise StoreError(f"{self.path}: cannot read rows {start}:{stop} ({str(exc).splitlines()[0]})") from None
 
     def default_iter_rows(self) -> int:
-        row_bytes = self.code_bytes + 8 + (int(np.prod(self.label_shape or (1,))) * 8 if self.has_labels else 0)
+        row_bytes = (self.code_bytes * (3 if self.has_confidences else 1) + 8
+                     + (int(np.prod(self.label_shape or (1,))) * 8 if self.has_labels else 0))
         rows = max(self.chunk_rows, ITER_BYTES // row_bytes)
         return rows - rows % self.chunk_rows  # whole chunks: every chunk is decoded once
 
@@ -456,6 +474,12 @@ class CodeStore(StoreWriting):
     def labels(self) -> np.ndarray | None:
         self._check_open()
         return self._f["labels"][: self._n] if self.has_labels else None
+
+    def confidences(self) -> np.ndarray | None:
+        """All rows' packed bit confidences in memory (N x bits/4 bytes; `hashing.unpack_confidences`), or
+        None for a store without them."""
+        self._check_open()
+        return self._f["confidences"][: self._n] if self.has_confidences else None
 
     def paths(self) -> list[str] | None:
         self._check_open()

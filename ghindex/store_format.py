@@ -29,6 +29,7 @@ class CodeBatch(NamedTuple):
     ids: np.ndarray  # (n,) int64
     labels: np.ndarray | None  # (n,) int64 or (n, C) uint8, None if the store has no labels
     paths: list[str] | None  # None if the store has no paths (or they were not requested)
+    confidences: np.ndarray | None = None  # (n, bits/4) uint8 (`hashing.pack_confidences`), None if the store has none
 
 
 def is_hdf5(path: str | os.PathLike) -> bool:

@@ -29,7 +29,7 @@ def _hold_datasets(f) -> list:
     import h5py
 
     held = []
-    for key in ("codes", "ids", "labels", "paths"):
+    for key in ("codes", "ids", "labels", "paths", "confidences"):
         if key in f:
             access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
             access.set_chunk_cache(521, HELD_CHUNK_CACHE_BYTES, 0.75)
@@ -172,8 +172,9 @@ class StoreWriting:
                 self._f.flush()
 
     @_writes
-    def append(self, codes, ids, labels=None, paths=None) -> None:
-        """Append rows: codes (n, bits/8) uint8, ids (n,) integers, labels/paths iff the store has them."""
+    def append(self, codes, ids, labels=None, paths=None, confidences=None) -> None:
+        """Append rows: codes (n, bits/8) uint8, ids (n,) integers, labels/paths/confidences (n, bits/4) uint8
+        iff the store has them."""
         self._check_writable()
         codes = np.asarray(codes)
         if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != self.code_bytes:
@@ -200,6 +201,15 @@ class StoreWriting:
                 raise StoreError(f"{self.path}: this store keeps paths; append needs {k} paths")
         elif paths is not None:
             raise StoreError(f"{self.path}: this store was created without paths")
+        if self.has_confidences:
+            if confidences is None:
+                raise StoreError(f"{self.path}: this store keeps bit confidences; append needs them too")
+            confidences = np.asarray(confidences)
+            if confidences.dtype != np.uint8 or confidences.shape != (k, 2 * self.code_bytes):
+                raise StoreError(f"{self.path}: expected confidences of shape ({k}, {2 * self.code_bytes}) uint8, "
+                                 f"got {confidences.dtype} {confidences.shape}")
+        elif confidences is not None:
+            raise StoreError(f"{self.path}: this store was created without bit confidences")
         if k == 0:
             return
         if self.has_paths:
@@ -208,13 +218,15 @@ class StoreWriting:
             self.flush()
         heap = sum(len(os.fsencode(p)) + 16 for p in paths) if self.has_paths else 0
         self._heap += heap
-        self._dirty += codes.nbytes + 8 * k + (0 if labels is None else np.asarray(labels).nbytes) + heap
+        self._dirty += (codes.nbytes + 8 * k + (0 if labels is None else np.asarray(labels).nbytes) + heap
+                        + (0 if confidences is None else confidences.nbytes))
         self._ensure_space(self._n + k)
         self._mark_incomplete()
         f, n = self._f, self._n
         try:
             for key, value in (("codes", codes), ("ids", ids.astype(np.int64, copy=False)), ("labels", labels),
                                ("paths", _encode_paths(paths) if self.has_paths else None),
+                               ("confidences", confidences),
                                ("deleted", np.zeros(k, np.uint8) if "deleted" in f else None)):
                 if value is not None:
                     ds = f[key]

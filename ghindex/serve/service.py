@@ -75,6 +75,8 @@ class Service:
         self.searcher.cache_paths()
         if self.searcher.codes_by_id is not None:
             self.searcher.codes_by_id.prepare()
+            if self.searcher.encoder is not None:  # image uploads re-rank with them: read them now
+                self.searcher.bit_confidences()
         self._thumbnail = functools.lru_cache(maxsize=512)(_thumbnail)
 
     # ---- work done in the executor, one call per micro-batch
