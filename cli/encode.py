@@ -59,7 +59,8 @@ def encode(model, data, out, protocol, split, seed, root, ids_from, batch_size, 
 
     The store is written as OUT.partial with a journal (OUT.partial.journal) and renamed to OUT
     when complete; after a crash or kill, rerun with --resume. Unreadable images are skipped and
-    recorded in the store (see `ghindex info`). Prints a summary to stdout.
+    recorded in the store (see `ghindex info`). Each code is stored with how sure each of its bits is
+    (bit confidences, 2 bits per bit), which image queries' re-ranking weighs. Prints a summary to stdout.
 
     Launched by torchrun (`torchrun --nproc_per_node=N -m ghindex_cli encode ...`), each process
     encodes a contiguous range of DATA into OUT.partR-of-N (crash-safe as above), then rank 0 merges

@@ -45,8 +45,9 @@ from .dedup import RadiusType  # the same R|auto option as `ghindex dedup --radi
                    "database position) or FAISS's own scan. Other indexes and GPUs always use FAISS.")
 @click.option("--rerank", type=click.IntRange(min=0), default=None, metavar="N",
               help="Image queries: rank the N nearest codes again by the weighted Hamming distance (each bit "
-                   "weighed by how sure the query image is of it); 0: Hamming only. [default: 100 when the "
-                   "index's code store is found]")
+                   "weighed by how sure the query image is of it, times how sure the stored code is where the "
+                   "store keeps bit confidences); 0: Hamming only. [default: 100 when the index's code store "
+                   "is found]")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True, help="table for people; json = one JSON object per query per line; "
                                       "csv = one row per neighbour.")

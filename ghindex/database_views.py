@@ -4,9 +4,10 @@ the ones training draws), instead of the sign of H(image) alone.
 
 Why: an edited copy of an image (a query) lands among the image's edited views, not on the un-edited image,
 so a code nearer the middle of those views is nearer its copies. Measured with the default unsupervised model
-(benchmarks/RESULTS.md, "Copies", run 10): image queries found 0.908 of the copy set's edited copies against
-un-edited codes, 0.938 / 0.940 / 0.946 with V = 4 / 8 / 16 (the mix edit 0.84 -> 0.89-0.91); cifar10-II
-mAP@1000 0.565 with V = 8 against 0.562 (semantic neighbours rank as well). The price: 1 + V backbone forwards per
+(benchmarks/RESULTS.md, "Copies", runs 10 and 11): image queries found 0.908 of the copy set's edited copies
+against un-edited codes, 0.938 / 0.940 / 0.946 with V = 4 / 8 / 16 (the mix edit 0.84 -> 0.89-0.91); with
+the re-ranking weighing the stored bit confidences (`code_confidences`) 0.962 against un-edited codes, 0.978 /
+0.980 with V = 4 / 8; cifar10-II mAP@1000 0.565 with V = 8 against 0.562 (semantic neighbours rank as well). The price: 1 + V backbone forwards per
 encoded image. Queries (`query`, `serve`) stay one forward.
 
 The views of an image are drawn from a generator seeded by its resized pixels (`view_key`), so an image gets

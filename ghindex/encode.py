@@ -58,7 +58,10 @@ def encode(
     `data` is an image folder, a list file or an array file (`load_data`), or with `protocol` and
     `split` a protocol split (`load_split`). Ids are each input's position in `data` (in the pooled
     folder for protocol splits; after the store's largest id when appending), or column `ids_from`
-    of a list file. Labels and paths (unless `with_paths=False`) are stored with the codes.
+    of a list file. Labels and paths (unless `with_paths=False`) are stored with the codes, and each code's
+    bit confidences (`ghindex.database_views.code_confidences`, packed by `ghindex.hashing.pack_confidences`),
+    which image queries' re-ranking weighs (copies found: 0.908 -> 0.962, benchmarks/RESULTS.md "Copies",
+    run 11); an append to a store made before them adds none.
 
     Bad images are skipped and recorded in the store and the summary; `strict=True` raises
     ImageError at the first one instead (rows before it stay resumable). `resume=True` continues an
@@ -71,8 +74,8 @@ def encode(
     to 0.
 
     `views`: each code from the image and that many edited views of it (`ghindex.database_views`): an edited
-    copy of the image, searched for by an image query, lands nearer it (copies found: 0.908 with 0 views, 0.940
-    with 8, benchmarks/RESULTS.md "Copies"), at 1 + views backbone forwards per image. For database images;
+    copy of the image, searched for by an image query, lands nearer it (copies found: 0.962 with 0 views, 0.978
+    with 4, 0.980 with 8, benchmarks/RESULTS.md "Copies", run 11), at 1 + views backbone forwards per image. For database images;
     queries need none. Recorded in the store: appends (and `add`) must use the same.
 
     Returns a summary: count (rows this data contributed), skipped, skipped_items, store_rows,

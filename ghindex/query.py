@@ -344,7 +344,8 @@ def query(index, model=None, images=(), codes=None, ids=(), k: int = 10, radius:
     (images moved on their own). `engine`: who scans a flat index on the CPU, as `Index.load`.
     `rerank` (image queries): the `rerank` nearest codes by Hamming distance are ranked again by the
     query's weighted Hamming distance (`ghindex.hashing.weighted_hamming`: bits weighed by how sure the
-    query image is of each), and the first k kept; None: `RERANK` for image queries (needs the index's
+    query image is of each, times how sure the stored code is where the store keeps bit confidences,
+    `Searcher.rerank_distances`), and the first k kept; None: `RERANK` for image queries (needs the index's
     code store), 0: plain Hamming ranking. Edited copies of database images come first far more often
     (benchmarks/RESULTS.md, "Copies"). Queries by codes or ids have no hash outputs: Hamming only.
 
