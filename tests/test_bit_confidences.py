@@ -199,3 +199,44 @@ def test_image_queries_rerank_with_the_stores_confidences(tmp_path, images, mode
         got = {n["id"]: n["weighted_distance"] for n in r["neighbors"]}
         assert got == pytest.approx({i: float(with_sure[qi, i]) for i in range(len(codes))}, abs=1e-4)
     assert not np.allclose(with_sure, 0.875 * plain)  # the confidences are not one level: they change distances
+
+
+def test_a_run_journaled_before_confidences_resumes_without_them(tmp_path, images, model, monkeypatch):
+    import importlib
+
+    from ghindex.journal import Journal
+
+    class Interrupt(Exception):
+        pass
+
+    encode_module = importlib.import_module("ghindex.encode")
+    calls = []
+
+    def pack_then_fail(h):
+        calls.append(1)
+        if len(calls) > 1:
+            raise Interrupt()
+        return pack_signs(h)
+
+    out = tmp_path / "codes.h5"
+    monkeypatch.setattr(encode_module, "pack_signs", pack_then_fail)
+    with pytest.raises(Interrupt):
+        encode(model, images, out, batch_size=3, checkpoint_rows=1, **RUN)
+    monkeypatch.undo()
+    # rewrite the journal as a run of an earlier ghindex wrote it: no "confidences" in the header, bare codes
+    path = f"{out}.partial.journal"
+    journal = Journal(path, str(out))
+    records = [(kind, meta, blob) for kind, meta, blob, _ in journal.records()]
+    journal.truncate(0)
+    for kind, meta, blob in records:
+        if kind == Journal.HEADER:
+            assert meta.pop("confidences") is True
+        elif kind == Journal.CHUNK:
+            blob = np.frombuffer(blob, np.uint8).reshape(-1, 3 * 4)[:, :4].tobytes()  # 32 bits: 4 bytes a code
+        journal.write(kind, meta, blob)
+    journal.close()
+    assert sum(kind == Journal.CHUNK for kind, _, _ in records) >= 1  # something to replay
+    encode(model, images, out, resume=True, batch_size=3, **RUN)
+    with CodeStore.open(out) as s:
+        assert not s.has_confidences
+        np.testing.assert_array_equal(s.codes(), direct(model, s.paths(), 0)[0])
