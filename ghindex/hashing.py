@@ -125,9 +125,9 @@ def weighted_hamming(projections, candidates: np.ndarray, confidences: np.ndarra
     query q and candidate code c, the sum of |H_qk| over the bits k where c differs from the query's
     own code (bit k = H_qk >= 0, as `pack_signs`).
 
-    A query image's code throws away how sure each bit is; the distance keeps it on the query side
-    only, so the database still holds bare codes: a bit the query has near 0 (a coin flip under an
-    edit) costs little when it differs, a confident one a lot. (Asymmetric distances for binary
+    A query image's code throws away how sure each bit is; the distance keeps it on the query side (and,
+    with `confidences`, in 2 bits per bit on the database side): a bit the query has near 0 (a coin flip
+    under an edit) costs little when it differs, a confident one a lot. (Asymmetric distances for binary
     codes: Dong et al. 2008, Gordo et al. 2014.)
 
     `projections`: (Q, bits) floats; `candidates`: (Q, K, code_bytes) packed codes, K per query
