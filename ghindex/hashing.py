@@ -107,6 +107,12 @@ def pack_confidences(confidences) -> np.ndarray:
     return np.concatenate([pack_bits(level >> 1), pack_bits(level & 1)], axis=1)
 
 
+def surest_confidences(rows: int, nbits: int) -> np.ndarray:
+    """Packed confidences of `rows` codes sure of every bit (the top level, as `pack_confidences` of ones):
+    for codes that come without confidences, which then rank as they would with none."""
+    return np.full((int(rows), check_bits(nbits) // 4), 0xFF, np.uint8)
+
+
 def unpack_confidences(packed: np.ndarray, nbits: int) -> np.ndarray:
     """Inverse of `pack_confidences` up to its levels: (N, 2 x nbits/8) uint8 -> (N, nbits) float32 weights,
     each the middle of its level ((level + 0.5) / 4)."""

@@ -61,7 +61,7 @@ from .encode_state import (
     store_views,
 )
 from .errors import ConfigError, DataError, ModelFileError, StoreError
-from .hashing import pack_confidences
+from .hashing import surest_confidences
 from .ids import StoreLookup, parse_ids
 from .index.builder import _IndexBuilder
 from .index.core import Index
@@ -136,7 +136,7 @@ def _side_rows(side, id_offset: int, with_paths: bool, with_confidences: bool):
         confidences = None
         if with_confidences:
             confidences = (batch.confidences[keep] if batch.confidences is not None
-                           else pack_confidences(np.ones((int(keep.sum()), side.bits), np.float32)))
+                           else surest_confidences(int(keep.sum()), side.bits))
         yield batch.codes[keep], batch.ids[keep].astype(np.int64) + id_offset, labels, paths, confidences
 
 

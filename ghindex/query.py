@@ -20,7 +20,7 @@ import numpy as np
 
 from .encoder import Encoder
 from .errors import ConfigError, DataError, ImageError, ModelFileError, SearchError, StoreError
-from .hashing import pack_signs, weighted_hamming
+from .hashing import pack_signs, surest_confidences, weighted_hamming
 from .ids import StoreLookup, parse_ids
 from .images import load_image
 from .io import atomic_path, file_fingerprint
@@ -252,18 +252,18 @@ class Searcher:
             raise StoreError(f"index {self.name} has no code store to read the neighbours' codes from for "
                              f"re-ranking (recorded: {self.store_path or 'none'}): pass rerank=0")
         valid = found >= 0
-        width = self.index.code_bytes
-        codes = np.zeros(found.shape + (width,), np.uint8)
+        bits = self.index.bits
+        codes = np.zeros(found.shape + (bits // 8,), np.uint8)
         stored = self.bit_confidences()
-        # rows without one (none found, or a row the store gained after it was read): the highest level
-        sure = None if stored is None else np.full(found.shape + (2 * width,), 0xFF, np.uint8)
+        # rows without one (none found, or a row the store gained after it was read): sure of every bit
+        sure = None if stored is None else surest_confidences(found.size, bits).reshape(found.shape + (-1,))
         if valid.any():
             looked_up = self.codes_by_id(found[valid])
             codes[valid] = looked_up.codes
             if sure is not None:
                 rows = looked_up.rows
                 known = rows < len(stored)
-                picked = np.full((len(rows), 2 * width), 0xFF, np.uint8)
+                picked = surest_confidences(len(rows), bits)
                 picked[known] = stored[rows[known]]
                 sure[valid] = picked
         return np.where(valid, weighted_hamming(projections, codes, sure), np.inf).astype(np.float32)
