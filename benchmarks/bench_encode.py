@@ -97,7 +97,7 @@ def decode_ceiling(data: str, image_size: int, batch_size: int, workers: int | N
     normalizer = BatchNormalizer(IMAGENET_MEAN, IMAGENET_STD, channels_last=False)
     n = 0
     t = time.perf_counter()
-    for _, x, _ in batches(source, 0, batch_size, workers, image_size, pin=False):
+    for _, x, _ in batches(source, 0, batch_size, workers, image_size, pin=False, decode_size=image_size):
         normalizer(x)
         n += len(x)
     return n / (time.perf_counter() - t)

@@ -96,11 +96,13 @@ def collate_uint8(items, item_shape: tuple[int, ...] | None = None):
     return torch.as_tensor(idx, dtype=torch.long), stacked.permute(0, 3, 1, 2), list(errors)
 
 
-def batches(src, start: int, batch_size: int, workers: int | None, image_size: int, pin: bool, views: int = 0):
+def batches(src, start: int, batch_size: int, workers: int | None, image_size: int, pin: bool, views: int = 0,
+            decode_size: int | None = None):
     """Yield (indices, inputs, errors) of the data source `src` from input `start` on, in order:
-    uint8 images (`collate_uint8`) or float features. With `views`, each image comes with that many edited
-    views (`view_stack`): 1 + views rows per index, and batch_size // (1 + views)
-    images per batch (at least one), so a forward pass holds about batch_size rows either way."""
+    uint8 images (`collate_uint8`, decoded with `decode_size`: the model's `EncoderConfig.decode_size`) or
+    float features. With `views`, each image comes with that many edited views (`view_stack`): 1 + views
+    rows per index, and batch_size // (1 + views) images per batch (at least one), so a forward pass holds
+    about batch_size rows either way."""
     n = len(src)
     if src.kind == "features":
         for s in range(start, n, batch_size):
@@ -116,7 +118,7 @@ def batches(src, start: int, batch_size: int, workers: int | None, image_size: i
         batch_size = max(1, batch_size // (1 + views))
     else:
         transform = functools.partial(resized_uint8, image_size=image_size)
-    dataset = ImageDataset(src, transform, image_shape=(3, image_size, image_size))
+    dataset = ImageDataset(src, transform, image_shape=(3, image_size, image_size), decode_size=decode_size)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,

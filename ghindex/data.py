@@ -279,14 +279,17 @@ def load_split(data: str | os.PathLike, protocol: str, split: str, seed: int = 0
 class ImageDataset(torch.utils.data.Dataset):
     """Items `(i, tensor, error)`: a bad image yields a zero tensor and its one-line error message.
 
-    `transform` maps an RGB PIL image to a tensor (e.g. `Encoder.preprocess`-style). For feature
+    `transform` maps an RGB PIL image to a tensor (e.g. `Encoder.preprocess`-style); images are decoded
+    with `decode_size` (`images.load_image`'s size: the model's `EncoderConfig.decode_size`). For feature
     sources the row itself is returned and `transform` is not used.
     """
 
-    def __init__(self, source: DataSource, transform: Callable | None = None, image_shape=(3, 224, 224)):
+    def __init__(self, source: DataSource, transform: Callable | None = None, image_shape=(3, 224, 224),
+                 decode_size: int | None = None):
         self.source = source
         self.transform = transform
         self.image_shape = tuple(image_shape)
+        self.decode_size = decode_size
 
     def __len__(self) -> int:
         return len(self.source)
@@ -295,7 +298,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.source.kind == "features":
             return i, torch.from_numpy(self.source.features[i]), ""
         try:
-            return i, self.transform(load_image(self.source.paths[i])), ""
+            return i, self.transform(load_image(self.source.paths[i], self.decode_size)), ""
         except ImageError as exc:
             return i, torch.zeros(self.image_shape), str(exc)
 

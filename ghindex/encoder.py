@@ -24,7 +24,7 @@ from .hashing import check_bits, greedy_sign, pack_signs
 from .images import IMAGENET_MEAN, IMAGENET_STD, image_to_tensor, load_image, normalize
 from .io import atomic_path
 
-FORMAT_VERSION = 3  # the newest version this module reads and writes (1: linear head; 2: with `hash_hidden`; 3: with `detail_layer`)
+FORMAT_VERSION = 4  # the newest version this module reads and writes (1: linear head; 2: with `hash_hidden`; 3: with `detail_layer`; 4: with `reduced_decode`)
 CONFIG_KEY = "ghindex_config"
 
 
@@ -42,8 +42,16 @@ class EncoderConfig:
     hash_hidden: int = 0  # width of a ReLU layer between the features and the hash layer (0: none, the paper's)
     detail_layer: str | None = None  # backbone layer whose 2x2-pooled output joins the features (backbones.WithDetail)
     copy_radius: int | None = None  # Hamming radius within which codes are copies (`ghindex dedup --radius auto`); None: not measured
+    # Large JPEGs decode at a reduced scale for the resize to image_size (`images.load_image`'s size): part of
+    # the model's preprocessing, so every code of one model decodes alike. False in files saved before it.
+    reduced_decode: bool = False
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # provenance: training run, protocol, seed...
+
+    @property
+    def decode_size(self) -> int | None:
+        """The `size` to decode images with for this model (`images.load_image`): None decodes in full."""
+        return self.image_size if self.reduced_decode else None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -109,6 +117,7 @@ class Encoder(nn.Module):
         extra: dict[str, Any] | None = None,
         hash_hidden: int = 0,
         detail_layer: str | None = None,
+        reduced_decode: bool = True,
     ):
         super().__init__()
         keep_freed_memory()  # a CNN's per-layer tensors otherwise cost a page fault per 4 KiB (ghindex.allocator)
@@ -119,6 +128,7 @@ class Encoder(nn.Module):
             raise ConfigError(f"num_classes must be >= 0, got {num_classes}")
         check_hash_hidden(hash_hidden)
         self.backbone, feature_dim = build_backbone(backbone, weights, feature_dim, detail_layer)
+        reduced_decode = bool(reduced_decode) and backbone != "identity"  # feature vectors decode nothing
         self.config = EncoderConfig(
             backbone=backbone,
             bits=int(bits),
@@ -129,9 +139,11 @@ class Encoder(nn.Module):
             num_classes=int(num_classes),
             hash_hidden=int(hash_hidden),
             detail_layer=detail_layer,
-            # the oldest version whose reader rebuilds the model exactly: an older reader refuses a file with
-            # a hidden layer or detail features ("newer than this ghindex supports") instead of dropping them
-            format_version=3 if detail_layer else 2 if hash_hidden else 1,
+            reduced_decode=reduced_decode,
+            # the oldest version whose reader rebuilds the model exactly: an older reader refuses a file with a
+            # hidden layer, detail features or reduced decoding ("newer than this ghindex supports") instead of
+            # dropping them (a reader that decoded in full would make other codes for large JPEGs)
+            format_version=4 if reduced_decode else 3 if detail_layer else 2 if hash_hidden else 1,
             extra=dict(extra or {}),
         )
         self.hidden_layer = nn.Linear(feature_dim, hash_hidden) if hash_hidden else None
@@ -189,9 +201,11 @@ class Encoder(nn.Module):
 
     # -- preprocessing -------------------------------------------------------------------------
     def preprocess(self, item) -> torch.Tensor:
-        """One PIL image or image path -> a normalised (3, S, S) tensor per this encoder's config."""
+        """One PIL image or image path -> a normalised (3, S, S) tensor per this encoder's config. A path is
+        decoded as the config says (`decode_size`: large JPEGs at a reduced scale), as `ghindex encode` decodes
+        it; a PIL image is taken as it was decoded."""
         c = self.config
-        return image_to_tensor(load_image(item), c.image_size, c.mean, c.std)
+        return image_to_tensor(load_image(item, c.decode_size), c.image_size, c.mean, c.std)
 
     def _prepare_batch(self, batch) -> torch.Tensor:
         c = self.config
@@ -326,6 +340,7 @@ class Encoder(nn.Module):
                 extra=config.extra,
                 hash_hidden=config.hash_hidden,
                 detail_layer=config.detail_layer,
+                reduced_decode=config.reduced_decode,
             )
         except ConfigError as exc:
             raise ModelFileError(f"{name}: {exc}") from None

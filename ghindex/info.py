@@ -120,6 +120,7 @@ def describe_model(path: str) -> dict[str, Any]:
         "num_classes": config.num_classes,
         "hash_hidden": config.hash_hidden,
         "detail_layer": config.detail_layer,
+        "reduced_decode": config.reduced_decode,
         "format_version": config.format_version,
         # how it was trained and the Hamming radius of copies (`query`/`dedup --radius auto`), when recorded
         "objective": _objective(config.extra.get("training") or {}),

@@ -383,7 +383,7 @@ def _encode_loop(journal, store, run, model_path, dev, precision, runtime, batch
     try:
         with torch.inference_mode(), exact:
             for idx, x, errors in batches(src, position, batch_size, workers, c.image_size,
-                                          pin=dev.type == "cuda", views=views):
+                                          pin=dev.type == "cuda", views=views, decode_size=c.decode_size):
                 bad = [j for j, e in enumerate(errors) if e]
                 for j in bad:
                     i = int(idx[j])

@@ -563,7 +563,7 @@ def write_grid(results: list[dict], path) -> str:
 
     def tile(image_path, x, y, colour, caption):
         try:
-            img = load_image(image_path) if image_path else None
+            img = load_image(image_path, cell) if image_path else None
         except ImageError:
             img = None
         if img is None:

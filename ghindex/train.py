@@ -323,7 +323,7 @@ class _TrainingRun(TrainingState):
             self.runtime = resolve_runtime(self.runtime, device, trains_backbone=True)  # torch (onnx: an error)
             c = model.config
             self.dataset = ImageDataset(self.source, _Preprocess(c.image_size, c.mean, c.std),
-                                        (3, c.image_size, c.image_size))
+                                        (3, c.image_size, c.image_size), c.decode_size)
         if self.val_source is not None and self.start_epoch < self.epochs:
             n = len(self.cached) if self.cached is not None else len(self.source)
             rng = np.random.default_rng([int(self.seed), 15])

@@ -111,7 +111,8 @@ def _extract_features(model: Encoder, source: DataSource, device, batch_size: in
     if source.kind == "features":
         return torch.from_numpy(np.ascontiguousarray(source.features, dtype=np.float32)), np.arange(len(source))
     c = model.config
-    dataset = ImageDataset(source, _Preprocess(c.image_size, c.mean, c.std), (3, c.image_size, c.image_size))
+    dataset = ImageDataset(source, _Preprocess(c.image_size, c.mean, c.std), (3, c.image_size, c.image_size),
+                           c.decode_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=collate, pin_memory=device.type == "cuda")
     filled, bad = FilledRows(len(source)), 0

@@ -53,9 +53,9 @@ class ViewDataset(torch.utils.data.Dataset):
     `original`) and `views` edited ones; a bad image yields zeros and its one-line error."""
 
     def __init__(self, source: DataSource, views: int, seed: int, preprocess: _Preprocess, stream: str,
-                 original: bool = True):
+                 original: bool = True, decode_size: int | None = None):
         self.source, self.views, self.seed, self.preprocess = source, views, seed, preprocess
-        self.stream, self.original = stream, original
+        self.stream, self.original, self.decode_size = stream, original, decode_size
 
     def __len__(self) -> int:
         return len(self.source)
@@ -65,7 +65,7 @@ class ViewDataset(torch.utils.data.Dataset):
         count = self.views + (1 if self.original else 0)
         try:
             # edits see the image as the model's input: resized the way `images.image_to_tensor` resizes it
-            img = resized(load_image(self.source.paths[i]), size)
+            img = resized(load_image(self.source.paths[i], self.decode_size), size)
         except ImageError as exc:
             return i, torch.zeros(count, 3, size, size), str(exc)
         edited = edited_views(img, self.views, self.seed, i, self.stream)
@@ -77,7 +77,8 @@ def extract_views(model: Encoder, source: DataSource, views: int, seed: int, dev
                   desc: str = "caching backbone features of edited views") -> tuple[torch.Tensor, np.ndarray]:
     """(features (N', [1+]V, D) float32 on the CPU, indices of the N' items that decoded)."""
     c = model.config
-    dataset = ViewDataset(source, views, seed, _Preprocess(c.image_size, c.mean, c.std), stream, original)
+    dataset = ViewDataset(source, views, seed, _Preprocess(c.image_size, c.mean, c.std), stream, original,
+                          c.decode_size)
     count = views + (1 if original else 0)
     per_batch = max(1, batch_size // count)
     loader = torch.utils.data.DataLoader(dataset, batch_size=per_batch, shuffle=False, num_workers=workers,

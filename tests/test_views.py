@@ -447,7 +447,9 @@ def test_detail_features_join_a_grid_of_a_mid_layer_and_reload(tmp_path):
     plain = Encoder("smallcnn", 16, image_size=32)
     model = Encoder("smallcnn", 16, image_size=32, detail_layer="features.6")  # 2nd block's ReLU: 64 channels
     assert isinstance(model.backbone, WithDetail) and model.config.feature_dim == 256 + 64 * 4
-    assert model.config.format_version == 3 and plain.config.format_version == 1
+    assert model.config.format_version == 4 and plain.config.format_version == 4  # they decode reduced (images)
+    kept = Encoder("smallcnn", 16, image_size=32, detail_layer="features.6", reduced_decode=False)
+    assert kept.config.format_version == 3  # decoding in full, detail features alone need version 3
     x = torch.rand(3, 3, 32, 32)
     model.eval()
     with torch.no_grad():

@@ -95,10 +95,10 @@ def _display_name(name: str | None, fallback: str) -> str:
     return name or fallback
 
 
-def _decode_upload(data: bytes, name: str):
+def _decode_upload(data: bytes, name: str, size: int | None):
     stream = io.BytesIO(data)
     stream.name = f"upload {name!r}"
-    return load_image(stream)
+    return load_image(stream, size)
 
 
 # --------------------------------------------------------------------------------- search inputs
@@ -184,12 +184,13 @@ async def search_input_from_form(request: Request, params: dict, service: Servic
             raise bad_request("this server has no model to encode images (start it with --model); "
                               "search by ids or codes instead")
         names = [_display_name(u.filename, f"image-{n + 1}") for n, u in enumerate(uploads)]
+        size = service.searcher.encoder.config.decode_size
         images = []
         for upload, name in zip(uploads, names):
             data = await upload.read()
             if not data:
                 raise bad_request(f"upload {name!r} is empty (0 bytes), not an image")
-            images.append(await anyio.to_thread.run_sync(_decode_upload, data, name))
+            images.append(await anyio.to_thread.run_sync(_decode_upload, data, name, size))
     finally:
         await form.close()
     projections = await service.hash_outputs(images, ticket)

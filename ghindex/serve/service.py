@@ -175,7 +175,7 @@ def _thumbnail(path: str) -> tuple[bytes, str]:
     """A database image at most THUMBNAIL_PX on its longest side: PNG when small, else JPEG."""
     from PIL import Image
 
-    img = load_image(path)
+    img = load_image(path, THUMBNAIL_PX)
     img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     if img.width * img.height <= 128 * 128:
