@@ -16,8 +16,8 @@ MAX_PIXELS = 64_000_000
 
 # A JPEG is decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling) where both sides stay at least this
 # many times the size its caller resizes it to: the resize then still averages 2 x 2 or more decoded pixels into
-# each pixel it makes, as from the full image (mean difference 0.2-0.5 of 255 after the resize to 224 px, on
-# synthetic photos), while a 12-megapixel photo decodes 2.5x faster. Smaller JPEGs decode exactly as before.
+# each pixel it makes, as from the full image (0.14-0.16 of 255 on average, at most 2, after the resize to 224 px;
+# benchmarks/bench_decode.py), while a 12-megapixel photo decodes 3.1x faster. Smaller JPEGs decode as before.
 DECODE_MARGIN = 2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
