@@ -68,7 +68,8 @@ from ghindex.data import PROTOCOLS
 @click.option("--batch-size", type=int, default=None, help="Items per step. [default: by --preset]")
 @click.option("--alpha", type=float, default=None,
               help="Weight of the quantization penalty mean(|H - sgn(H)|^3). [default: by --preset]")
-@click.option("--image-size", type=int, default=224, show_default=True, help="Inputs are resized to SIZE x SIZE pixels.")
+@click.option("--image-size", type=int, default=224, show_default=True, help="Inputs are resized to SIZE x SIZE pixels (a JPEG of 4 x SIZE or more on both sides is first decoded "
+                   "at 1/2, 1/4 or 1/8 scale, keeping 2 x SIZE: the model records it as reduced_decode).")
 @click.option("--center/--no-center", default=None,
               help="Unsupervised: the hash layers read centred features (mean of the training set) and the "
                    "cosine target is shifted so the average pair's is 0. [default: by --preset: centred, paper: not]")
