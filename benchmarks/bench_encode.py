@@ -156,9 +156,13 @@ def run_command(model_path: str, data: str, out: str, runtime: str, batch_size: 
     return wall, json.loads(proc.stdout)
 
 
+def difference_rates(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(fraction of bits, fraction of codes) where packed codes a and b differ."""
+    return float(np.unpackbits(a ^ b).mean()), float((a != b).any(axis=1).mean())
+
+
 def differences(a: np.ndarray, b: np.ndarray) -> str:
-    bits = float(np.unpackbits(a ^ b).mean())
-    codes = float((a != b).any(axis=1).mean())
+    bits, codes = difference_rates(a, b)
     return f"{bits:.4%} of bits, {codes:.2%} of codes ({a.size * 8:,} bits)"
 
 
